@@ -1,0 +1,6 @@
+"""prunekit: make trained PyTorch networks smaller and faster while keeping their accuracy."""
+__version__ = "0.1.0"
+
+from .errors import CheckpointError, ConfigError, DatasetError, PrunekitError, UnknownNameError
+
+__all__ = ["__version__", "PrunekitError", "UnknownNameError", "DatasetError", "CheckpointError", "ConfigError"]
