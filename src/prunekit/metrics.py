@@ -1,0 +1,396 @@
+"""What the papers report: parameter counts, MACs ("FLOPs"), sparsity, latency and accuracy.
+
+MAC rule (polarization spec §3.1): multiply-accumulates of convolution and linear layers only,
+per sample — conv ``k_h·k_w·(C_in/groups)·C_out·H_out·W_out``, linear ``in·out`` per position.
+Bias, BN, activations, pooling, additions and padding are not counted. Measured with forward
+hooks, so only modules called through ``module(x)`` count (not ``F.conv2d`` inside a forward).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "LatencyResult",
+    "SparsityReport",
+    "TensorSparsity",
+    "accuracy",
+    "count_macs",
+    "count_params",
+    "evaluate",
+    "layer_macs",
+    "measure_latency",
+    "sparsity",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters
+# --------------------------------------------------------------------------------------------
+
+
+def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
+    """Number of parameters (BN affine included, buffers excluded; shared tensors once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------
+# MACs
+# --------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _eval_mode(model: nn.Module):
+    """Put every submodule in eval mode, then restore each one's own flag."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_floating_point():
+            return t.device, t.dtype
+    return torch.device("cpu"), torch.float32
+
+
+def _call(model: nn.Module, inputs: Any):
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _first_tensor(inputs: Any) -> torch.Tensor | None:
+    if isinstance(inputs, torch.Tensor):
+        return inputs
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (tuple, list)) else ()
+    for v in values:
+        if (t := _first_tensor(v)) is not None:
+            return t
+    return None
+
+
+def _conv_macs(m: nn.modules.conv._ConvNd, inp: torch.Tensor, out: torch.Tensor) -> int:
+    k = math.prod(m.kernel_size)
+    if m.transposed:  # every input position scatters a k × C_out/groups patch per input channel
+        spatial = math.prod(inp.shape[2:]) if inp.dim() == len(m.kernel_size) + 2 else math.prod(inp.shape[1:])
+        return k * m.in_channels * (m.out_channels // m.groups) * spatial * _batch(inp, m)
+    spatial = math.prod(out.shape[-len(m.kernel_size):])
+    return k * (m.in_channels // m.groups) * m.out_channels * spatial * _batch(out, m)
+
+
+def _batch(t: torch.Tensor, m: nn.modules.conv._ConvNd) -> int:
+    # Unbatched conv inputs (C, *spatial) are allowed by torch; count them as batch 1.
+    return t.shape[0] if t.dim() == len(m.kernel_size) + 2 else 1
+
+
+def layer_macs(
+    model: nn.Module, inputs: Any = None, *, input_shape: Sequence[int] | None = None
+) -> dict[str, int]:
+    """Per-sample MACs of each conv/linear module, by module name (summed over repeated calls).
+
+    ``inputs``: a tensor (or args tuple / kwargs dict) whose first tensor's dim 0 is the batch;
+    totals are divided by it. Default: ``torch.zeros(1, *input_shape)`` with ``input_shape``
+    defaulting to ``model.input_shape`` (C, H, W). The model runs in eval mode under no_grad and
+    its modes are restored afterwards.
+    """
+    if inputs is None:
+        shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
+        if shape is None:
+            raise ConfigError("count_macs needs inputs or input_shape (the model has no input_shape)")
+        device, dtype = _model_device_dtype(model)
+        inputs = torch.zeros((1, *shape), device=device, dtype=dtype)
+    first = _first_tensor(inputs)
+    batch = first.shape[0] if first is not None and first.dim() > 0 else 1
+
+    counts: dict[str, int] = {}
+    handles = []
+
+    def hook(name):
+        def fn(m, args, out):
+            inp = args[0] if args else None
+            if isinstance(m, nn.modules.conv._ConvNd):
+                macs = _conv_macs(m, inp, out)
+            else:  # Linear: in·out per position (all leading dims of the output)
+                macs = m.in_features * m.out_features * (out.numel() // max(m.out_features, 1))
+            counts[name] = counts.get(name, 0) + macs
+
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
+            handles.append(m.register_forward_hook(hook(name)))
+    try:
+        with _eval_mode(model), torch.no_grad():
+            _call(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v // batch for k, v in counts.items()}
+
+
+def count_macs(model: nn.Module, inputs: Any = None, *, input_shape: Sequence[int] | None = None) -> int:
+    """Per-sample multiply-accumulates of conv and linear layers (see :func:`layer_macs`)."""
+    return sum(layer_macs(model, inputs, input_shape=input_shape).values())
+
+
+# --------------------------------------------------------------------------------------------
+# Sparsity
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSparsity:
+    name: str
+    numel: int
+    zeros: int
+    fraction: float  # zeros / numel
+
+
+@dataclass
+class SparsityReport:
+    """Exact zeros in the selected tensors (``tensors``, ``numel``, ``zeros``, ``fraction``) and,
+    for reference, over *every* parameter (``all_*``: gRDA's reported number, BN and biases in)."""
+
+    tensors: list[TensorSparsity] = field(default_factory=list)
+    numel: int = 0
+    zeros: int = 0
+    all_numel: int = 0
+    all_zeros: int = 0
+
+    @property
+    def fraction(self) -> float:
+        return self.zeros / self.numel if self.numel else 0.0
+
+    @property
+    def all_fraction(self) -> float:
+        return self.all_zeros / self.all_numel if self.all_numel else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "numel": self.numel,
+            "zeros": self.zeros,
+            "fraction": self.fraction,
+            "all_numel": self.all_numel,
+            "all_zeros": self.all_zeros,
+            "all_fraction": self.all_fraction,
+            "tensors": [t.__dict__ for t in self.tensors],
+        }
+
+
+def sparsity(
+    model: nn.Module,
+    *,
+    kinds: Iterable[str] | None = ("weight",),
+    modules: tuple[type[nn.Module], ...] | None = (nn.Conv1d, nn.Conv2d, nn.Linear),
+) -> SparsityReport:
+    """Fraction of exactly-zero entries.
+
+    Selection: parameters whose local name is in ``kinds`` ("weight", "bias", ...) owned by an
+    instance of ``modules``; ``None`` for either means "any". The default (conv + linear weights)
+    is the layer-wise sparsity; ``kinds=None, modules=None`` counts every parameter, which is what
+    the gRDA reference reports (BN γ/β and biases included, buffers never; ResNet-50 denominator
+    25,557,032). The report always carries the all-parameter totals too (``all_fraction``).
+    """
+    kinds = None if kinds is None else set(kinds)
+    report = SparsityReport()
+    seen: set[int] = set()
+    for mname, m in model.named_modules():
+        for pname, p in m.named_parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            z = int((p.detach() == 0).sum())
+            report.all_numel += p.numel()
+            report.all_zeros += z
+            if (kinds is None or pname in kinds) and (modules is None or isinstance(m, modules)):
+                name = f"{mname}.{pname}" if mname else pname
+                report.tensors.append(TensorSparsity(name, p.numel(), z, z / p.numel() if p.numel() else 0.0))
+                report.numel += p.numel()
+                report.zeros += z
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Latency
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    median_ms: float
+    mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    runs: int
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _percentile(sorted_vals: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an ascending list."""
+    pos = (len(sorted_vals) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def measure_latency(
+    model: nn.Module, inputs: Any, *, warmup: int = 5, runs: int = 30, device: str | torch.device | None = None
+) -> LatencyResult:
+    """Wall-clock time of one forward pass on ``inputs`` (ms), in eval mode under inference_mode.
+
+    Each run is timed separately with ``time.perf_counter``, with ``torch.cuda.synchronize``
+    before and after on CUDA. ``device`` (default: the model's) moves model and inputs there; the
+    model's device and train/eval modes are restored afterwards.
+    """
+    if runs < 1 or warmup < 0:
+        raise ConfigError(f"measure_latency needs runs >= 1 and warmup >= 0 (got runs={runs}, warmup={warmup})")
+    orig_device, _ = _model_device_dtype(model)
+    dev = torch.device(device) if device is not None else orig_device
+    if dev != orig_device:
+        model.to(dev)
+    inputs = _to(inputs, dev)
+    cuda = dev.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    times: list[float] = []
+    try:
+        with _eval_mode(model), torch.inference_mode():
+            for _ in range(warmup):
+                _call(model, inputs)
+            sync()
+            for _ in range(runs):
+                sync()
+                t0 = time.perf_counter()
+                _call(model, inputs)
+                sync()
+                times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        if dev != orig_device:
+            model.to(orig_device)
+    s = sorted(times)
+    return LatencyResult(
+        median_ms=statistics.median(s),
+        mean_ms=statistics.fmean(s),
+        p10_ms=_percentile(s, 0.10),
+        p90_ms=_percentile(s, 0.90),
+        runs=runs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracy
+# --------------------------------------------------------------------------------------------
+
+
+def _hits(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int]) -> torch.Tensor:
+    """Per-k count of samples whose target is among the top-k logits (tensor on the logits' device).
+
+    logits (N, C); targets (N,) class indices or (N, C) one-hot / soft labels (argmax is used).
+    """
+    if targets.dim() == 2:
+        targets = targets.argmax(dim=1)
+    pred = logits.topk(max(topk), dim=1).indices  # (N, kmax)
+    hit = pred.eq(targets.view(-1, 1))
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in topk])
+
+
+def accuracy(logits: torch.Tensor, targets: torch.Tensor, topk: Sequence[int] = (1,)) -> list[float]:
+    """Top-k accuracies in percent for a batch. logits (N, C); targets (N,) indices or (N, C)."""
+    n = logits.shape[0]
+    return [100.0 * c / n if n else 0.0 for c in _hits(logits, targets, topk).tolist()]
+
+
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: str | torch.device | None = None,
+    topk: Sequence[int] = (1, 5),
+    criterion=None,
+) -> dict:
+    """Accuracy and mean loss of ``model`` over ``loader`` (batches ``(x, y, ...)``).
+
+    Returns ``{"accuracy": top-1 %, "top5": % (when 5 in topk and C >= 5), "top{k}": ...,
+    "loss": mean per-sample loss, "samples": N}``. ``criterion`` defaults to cross-entropy; a
+    criterion with ``reduction="mean"`` (torch's default) is scaled by the batch size. ``device``
+    defaults to the model's device; the model is moved there if needed and moved back after. With
+    torch.distributed initialised the sums are all-reduced, so every rank returns global numbers.
+    """
+    orig_device, _ = _model_device_dtype(model)
+    dev = torch.device(device) if device is not None else orig_device
+    if dev != orig_device:
+        model.to(dev)
+    ks = sorted({1, *topk})
+    # Sums stay on the device (no per-batch sync): [correct@k for k in ks..., loss_sum, count].
+    sums = torch.zeros(len(ks) + 2, dtype=torch.float64, device=dev)
+    num_classes = 0
+    reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "sum"
+    try:
+        with _eval_mode(model), torch.no_grad():
+            for batch in loader:
+                x, y = _to(batch[0], dev), _to(batch[1], dev)
+                out = _call(model, x)
+                n, num_classes = out.shape[0], out.shape[1]
+                valid = [i for i, k in enumerate(ks) if k <= num_classes]
+                sums[valid] += _hits(out, y, [ks[i] for i in valid]).to(torch.float64)
+                if criterion is None:
+                    loss = F.cross_entropy(out, y, reduction="sum")
+                else:
+                    loss = criterion(out, y)
+                    if loss.dim() > 0:  # reduction="none"
+                        loss = loss.sum()
+                    elif reduction == "mean":
+                        loss = loss * n
+                sums[-2] += loss.detach().to(torch.float64)
+                sums[-1] += n
+    finally:
+        if dev != orig_device:
+            model.to(orig_device)
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        comm_dev = torch.device("cpu") if torch.distributed.get_backend() == "gloo" else dev
+        sums = sums.to(comm_dev)
+        nc = torch.tensor([num_classes], dtype=torch.float64, device=comm_dev)
+        torch.distributed.all_reduce(sums)
+        torch.distributed.all_reduce(nc, op=torch.distributed.ReduceOp.MAX)
+        num_classes = int(nc.item())
+    vals = sums.tolist()
+    correct, loss_sum, count = vals[: len(ks)], vals[-2], round(vals[-1])
+    if count == 0:
+        raise ConfigError("evaluate: the loader yielded no samples")
+    result = {"accuracy": 100.0 * correct[0] / count}
+    for k, c in zip(ks, correct):
+        if 1 < k <= num_classes:
+            result[f"top{k}"] = 100.0 * c / count
+    result["loss"] = loss_sum / count
+    result["samples"] = count
+    return result
