@@ -1,0 +1,422 @@
+"""Where dataset files live, and how to get them when they are missing.
+
+``resolve_root`` looks, in order, at: the explicit root (the folder itself, then ``root/<name>``),
+``$PRUNEKIT_DATA`` (same two), the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, then
+``prunekit/<name>``), and well-known system folders (``/usr/share/datasets/<name>``, where the
+Debian package ``dataset-fashion-mnist`` installs). A folder counts only when the files the loader
+needs are all there. It returns the folder that directly holds them (for CIFAR that is the
+``cifar-10-batches-py`` / ``cifar-100-python`` folder).
+
+``fetch`` makes a dataset present: nothing to do → Debian package (as root) → download from the
+official source with MD5 verification, atomic renames and a path-traversal-safe tar extraction.
+"""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from ..errors import ConfigError, DatasetError, unknown_name
+
+__all__ = [
+    "LAYOUTS",
+    "Layout",
+    "Source",
+    "cache_dir",
+    "download",
+    "fetch",
+    "md5sum",
+    "resolve_root",
+    "safe_extract_tar",
+    "search_locations",
+]
+
+ENV_VAR = "PRUNEKIT_DATA"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One file of the official distribution: where to get it and its published MD5."""
+
+    url: str
+    filename: str
+    md5: str
+    extract: bool = False  # a tar(.gz) to unpack into the dataset folder, then delete
+
+
+def _idx_files() -> tuple[str, ...]:
+    return ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+            "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a dataset folder must contain, where to look, and how to obtain it."""
+
+    files: tuple[str, ...] = ()  # all required, relative to the data folder
+    gz_ok: bool = False  # each file may instead be present as <file>.gz
+    any_dirs: tuple[str, ...] = ()  # at least one of these sub-folders must exist (image folders)
+    inner: tuple[str, ...] = ("",)  # sub-folders of a candidate that may hold the files
+    aliases: tuple[str, ...] = ()  # extra sub-folder names tried under a root, besides <name>
+    system: tuple[str, ...] = ()
+    apt_package: str | None = None
+    sources: tuple[Source, ...] = ()
+    describe: str = ""
+    manual: str = ""  # how to get it when it cannot be fetched automatically
+    extra: dict = field(default_factory=dict)
+
+
+_FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+# Mutable on purpose: tests (and users with a mirror) may point sources elsewhere.
+LAYOUTS: dict[str, Layout] = {
+    "fashion-mnist": Layout(
+        files=_idx_files(), gz_ok=True,
+        aliases=("fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
+        system=("/usr/share/datasets/fashion-mnist",),
+        apt_package="dataset-fashion-mnist",
+        sources=(
+            Source(_FMNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
+                   "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+            Source(_FMNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                   "25c81989df183df01b3e8a0aad5dffbe"),
+            Source(_FMNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                   "bef4ecab320f06d8554ea6380940ec79"),
+            Source(_FMNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                   "bb300cfdad3c16e7a12a480ee83cd310"),
+        ),
+        describe="IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                 "t10k-labels-idx1-ubyte (each optionally .gz)",
+    ),
+    "mnist": Layout(
+        files=_idx_files(), gz_ok=True,
+        aliases=("MNIST/raw", "MNIST"),
+        system=("/usr/share/datasets/mnist",),
+        sources=(
+            Source(_MNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
+                   "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+            Source(_MNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                   "d53e105ee54ea40749a09fcbcd1e9432"),
+            Source(_MNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                   "9fb629c4189551a2d022fa330f9573f3"),
+            Source(_MNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+                   "ec29112dd5afa0611ce80d1b7f02629c"),
+        ),
+        describe="IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                 "t10k-labels-idx1-ubyte (each optionally .gz)",
+    ),
+    "cifar10": Layout(
+        files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
+        inner=("", "cifar-10-batches-py"),
+        aliases=("cifar-10", "CIFAR10"),
+        system=("/usr/share/datasets/cifar10", "/usr/share/datasets/cifar-10"),
+        sources=(Source("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz",
+                        "c58f30108f718f92721af3b95e74349a", extract=True),),
+        describe="the python batches data_batch_1..data_batch_5 and test_batch (folder cifar-10-batches-py/)",
+    ),
+    "cifar100": Layout(
+        files=("train", "test"),
+        inner=("", "cifar-100-python"),
+        aliases=("cifar-100", "CIFAR100"),
+        system=("/usr/share/datasets/cifar100", "/usr/share/datasets/cifar-100"),
+        sources=(Source("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", "cifar-100-python.tar.gz",
+                        "eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
+        describe="the python files train and test (folder cifar-100-python/)",
+    ),
+    "imagenet": Layout(
+        any_dirs=("train", "val"),
+        aliases=("ILSVRC2012", "imagenet-1k"),
+        system=("/usr/share/datasets/imagenet", "/datasets/imagenet"),
+        describe="class-per-folder images train/<wnid>/*.JPEG and val/<wnid>/*.JPEG",
+        manual="ImageNet cannot be downloaded automatically (registration required): get ILSVRC2012 from "
+               "https://image-net.org, arrange train/ and val/ as one sub-folder per class (wnid), and "
+               "point --data-root or $PRUNEKIT_DATA at the folder holding train/ and val/.",
+    ),
+}
+
+
+def _layout(name: str) -> Layout:
+    if name == "synthetic":
+        raise ConfigError("dataset 'synthetic' is generated in memory; it has no files to find or fetch")
+    try:
+        return LAYOUTS[name]
+    except KeyError:
+        raise unknown_name("dataset", name, list(LAYOUTS) + ["synthetic"]) from None
+
+
+def cache_dir() -> Path:
+    """The user cache folder for datasets: ``$XDG_CACHE_HOME/prunekit`` or ``~/.cache/prunekit``."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "prunekit"
+
+
+def _has_files(layout: Layout, d: Path) -> bool:
+    if not d.is_dir():
+        return False
+    if layout.any_dirs and not any((d / s).is_dir() for s in layout.any_dirs):
+        return False
+    for f in layout.files:
+        if not ((d / f).is_file() or (layout.gz_ok and (d / (f + ".gz")).is_file())):
+            return False
+    return True
+
+
+def search_locations(name: str, root: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+    """Candidate folders for ``name`` in search order, each with a label saying where it came from."""
+    layout = _layout(name)
+    subs = (name,) + layout.aliases
+    out: list[tuple[Path, str]] = []
+
+    def add_base(base: Path, label: str) -> None:
+        out.append((base, label))
+        for s in subs:
+            out.append((base / s, label))
+
+    if root is not None:
+        add_base(Path(root).expanduser(), "--data-root")
+    env = os.environ.get(ENV_VAR)
+    if env:
+        for part in env.split(os.pathsep):
+            if part:
+                add_base(Path(part).expanduser(), f"${ENV_VAR}")
+    out.append((cache_dir() / name, "user cache"))
+    for s in layout.system:
+        out.append((Path(s), "system"))
+    # A candidate may hold the files in an inner folder (cifar-10-batches-py); expand in place.
+    expanded: list[tuple[Path, str]] = []
+    for p, label in out:
+        for inner in layout.inner:
+            expanded.append((p / inner if inner else p, label))
+    seen: set[Path] = set()
+    unique = []
+    for p, label in expanded:
+        if p not in seen:
+            seen.add(p)
+            unique.append((p, label))
+    return unique
+
+
+def _instructions(name: str, layout: Layout) -> str:
+    lines = []
+    if layout.sources or layout.apt_package:
+        lines.append(f"run `prunekit data fetch {name}`"
+                     + (" (downloads the official files into the user cache, verified by MD5)"
+                        if layout.sources else ""))
+    if layout.apt_package:
+        lines.append(f"or, as root on Debian/Ubuntu: `apt-get install {layout.apt_package}`")
+    if layout.manual:
+        lines.append(layout.manual)
+    lines.append(f"or pass --data-root DIR (or set ${ENV_VAR}=DIR) pointing at a folder that has them")
+    return "To get it: " + "; ".join(lines) + "."
+
+
+def resolve_root(name: str, root: str | os.PathLike | None = None) -> Path:
+    """Return the folder holding dataset ``name``'s files; DatasetError listing every place tried."""
+    layout = _layout(name)
+    cands = search_locations(name, root)
+    for p, _label in cands:
+        if _has_files(layout, p):
+            return p
+    env_note = "" if os.environ.get(ENV_VAR) else f"\n  (${ENV_VAR} is not set)"
+    tried = "\n".join(f"  - {p}  [{label}]" for p, label in cands)
+    raise DatasetError(
+        f"dataset '{name}' not found. Looked for {layout.describe} in, in order:\n{tried}{env_note}\n"
+        + _instructions(name, layout)
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetching
+
+
+def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex MD5 of a file (an integrity check against published digests, not a security one)."""
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _progress_bar(total: int | None, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # tqdm is a dependency, but don't fail a download over a progress bar
+        return None
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
+
+
+def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, progress: bool = True,
+             timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` via a temp file in the same folder, verify MD5, then rename.
+
+    ``dest`` only ever appears complete and verified. Any ``urllib`` scheme works (``file://`` in
+    tests). A digest mismatch raises DatasetError naming the file, the expected and actual digest.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    tmp = Path(tmp_name)
+    h = hashlib.md5(usedforsecurity=False)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                bar = _progress_bar(int(length) if length and length.isdigit() else None, dest.name, progress)
+                try:
+                    while block := resp.read(1 << 20):
+                        out.write(block)
+                        h.update(block)
+                        if bar is not None:
+                            bar.update(len(block))
+                finally:
+                    if bar is not None:
+                        bar.close()
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+            raise DatasetError(f"could not download {url} to {dest}: {e}") from e
+        actual = h.hexdigest()
+        if md5 is not None and actual != md5.lower():
+            raise DatasetError(
+                f"checksum mismatch for {dest.name} (from {url}): expected md5 {md5.lower()}, got {actual}. "
+                "The download is corrupted or the source changed; it was not kept."
+            )
+        os.replace(tmp, dest)
+        return dest
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Extract a tar(.gz) into ``dest`` refusing absolute paths, ``..``, links and special files.
+
+    Members are written into a temp folder inside ``dest`` first and the top-level entries renamed
+    into place at the end, so a failed extraction leaves nothing half-written behind.
+    Returns the top-level paths created.
+    """
+    archive, dest = Path(archive), Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".extract-", dir=dest))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                for m in tar:
+                    p = PurePosixPath(m.name)
+                    if p.is_absolute() or ".." in p.parts or "\\" in m.name or (p.parts and ":" in p.parts[0]):
+                        raise DatasetError(f"{archive}: refusing unsafe member path {m.name!r} (path traversal)")
+                    if not p.parts:
+                        continue
+                    target = tmp.joinpath(*p.parts)
+                    if m.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    elif m.isfile():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        src = tar.extractfile(m)
+                        if src is None:
+                            raise DatasetError(f"{archive}: member {m.name!r} has no data")
+                        with src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                    else:
+                        kind = "link" if (m.issym() or m.islnk()) else "special file"
+                        raise DatasetError(f"{archive}: refusing {kind} member {m.name!r}")
+        except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+            raise DatasetError(f"{archive}: corrupted or truncated archive ({e})") from e
+        created = []
+        for child in sorted(tmp.iterdir()):
+            final = dest / child.name
+            if final.is_dir() and not final.is_symlink():
+                shutil.rmtree(final)
+            elif final.exists() or final.is_symlink():
+                final.unlink()
+            os.replace(child, final)
+            created.append(final)
+        return created
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a command quietly (separate function so tests can replace it)."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def _try_apt(package: str, notes: list[str]) -> bool:
+    if shutil.which("apt-get") is None:
+        notes.append("apt-get is not available on this machine")
+        return False
+    if not _is_root():
+        notes.append(f"not root, so `apt-get install {package}` was not tried")
+        return False
+    r = _run(["apt-get", "install", "-y", package])
+    if r.returncode != 0:  # stale or missing package lists: update once and retry
+        _run(["apt-get", "update"])
+        r = _run(["apt-get", "install", "-y", package])
+    if r.returncode != 0:
+        last = (r.stderr or r.stdout or "").strip().splitlines()[-1:] or [""]
+        notes.append(f"`apt-get install -y {package}` failed (exit {r.returncode}): {last[0]}")
+        return False
+    return True
+
+
+def fetch(name: str, root: str | os.PathLike | None = None, *, allow_apt: bool = True,
+          allow_download: bool = True, progress: bool = True) -> Path:
+    """Make dataset ``name`` present and return its folder (as :func:`resolve_root` would).
+
+    Order: already present → ``apt-get install -y <package>`` when a Debian package exists, apt-get
+    is there and we are root → download the official files (MD5-verified) into ``root/<name>`` if
+    ``root`` is given, else into the user cache → DatasetError saying what was tried.
+    """
+    layout = _layout(name)
+    try:
+        return resolve_root(name, root)
+    except DatasetError as e:
+        not_found = str(e)
+    notes: list[str] = []
+    if allow_apt and layout.apt_package and _try_apt(layout.apt_package, notes):
+        try:
+            return resolve_root(name, root)
+        except DatasetError:
+            notes.append(f"`apt-get install {layout.apt_package}` succeeded but the files were not found")
+    if allow_download and layout.sources:
+        dest = (Path(root).expanduser() / name) if root is not None else cache_dir() / name
+        try:
+            for src in layout.sources:
+                target = dest / src.filename
+                if not (target.is_file() and md5sum(target) == src.md5):
+                    download(src.url, target, src.md5, progress=progress)
+                if src.extract:
+                    safe_extract_tar(target, dest)
+                    target.unlink()
+        except DatasetError as e:
+            tried = "".join(f"\n  - {n}" for n in notes)
+            raise DatasetError(f"{e}{tried}\n{not_found}") from e
+        try:
+            return resolve_root(name, dest)
+        except DatasetError:
+            raise DatasetError(
+                f"downloaded {name} into {dest} but the expected files ({layout.describe}) are not there"
+            ) from None
+    if not allow_download and layout.sources:
+        notes.append("downloading was not allowed")
+    if not layout.sources and not layout.apt_package:
+        notes.append(f"'{name}' has no automatic source")
+    tried = "".join(f"\n  - {n}" for n in notes)
+    raise DatasetError(f"could not fetch dataset '{name}'.{tried}\n{not_found}")

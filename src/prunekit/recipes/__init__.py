@@ -1,0 +1,217 @@
+"""Training recipes: one frozen, validated dataclass per paper experiment, looked up by name.
+
+    >>> r = get_recipe("lenet").replace(epochs=5)
+    >>> opt = r.build_optimizer(model.parameters()); sched = r.build_schedule(opt)
+
+``optimizer_kwargs`` carries what only some optimizers take (gRDA's ``c`` and ``mu``, Adam's
+``betas``). The shared fields ``momentum``, ``nesterov`` and ``weight_decay`` are passed to the
+optimizer when it accepts them; an optimizer that does not (gRDA, Adam for momentum) must see them at
+their neutral value (0 / False), so a recipe never silently drops a setting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..optim import SCHEDULES, create_optimizer, create_schedule, optimizer_arguments
+from ..registry import Registry
+
+__all__ = ["RECIPES", "TrainRecipe", "default_recipe_for", "get_recipe", "list_recipes", "register_recipe"]
+
+# Fields the optimizer receives from the recipe itself (never through optimizer_kwargs), with the
+# value that means "off" for optimizers that do not accept them.
+_SHARED = {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Everything about *how* to train, nothing about *what* (model, data, seed).
+
+    ``batch_size`` is the global batch: under DDP each of W ranks gets ``batch_size // W``.
+    Epochs are 0-based for the schedule: lr at epoch ``e`` is ``lr * factor(e)`` (see
+    :func:`prunekit.optim.create_schedule`).
+    """
+
+    epochs: int = 10
+    batch_size: int = 128
+    test_batch_size: int = 256
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_size: int = 30
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.1
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    name: str = "custom"
+
+    def __post_init__(self):
+        object.__setattr__(self, "milestones", tuple(self.milestones) if isinstance(self.milestones, (list, tuple))
+                           else self.milestones)
+        object.__setattr__(self, "optimizer_kwargs", dict(self.optimizer_kwargs)
+                           if isinstance(self.optimizer_kwargs, dict) else self.optimizer_kwargs)
+        for f in ("epochs", "batch_size", "test_batch_size", "step_size"):
+            v = getattr(self, f)
+            if not _is_int(v) or v <= 0:
+                self._bad(f, "must be a positive integer")
+        if not _is_num(self.lr) or self.lr <= 0:
+            self._bad("lr", "must be a positive number")
+        if not _is_num(self.momentum) or not 0 <= self.momentum < 1:
+            self._bad("momentum", "must be in [0, 1)")
+        if not isinstance(self.nesterov, bool):
+            self._bad("nesterov", "must be True or False")
+        if self.nesterov and self.momentum == 0:
+            self._bad("nesterov", "needs momentum > 0")
+        if not _is_num(self.weight_decay) or self.weight_decay < 0:
+            self._bad("weight_decay", "must be a non-negative number")
+        if not _is_num(self.gamma) or self.gamma <= 0:
+            self._bad("gamma", "must be a positive number")
+        ms = self.milestones
+        if not isinstance(ms, tuple) or not all(_is_int(m) and m > 0 for m in ms) or list(ms) != sorted(set(ms)):
+            self._bad("milestones", "must be strictly increasing positive integers")
+        if not isinstance(self.schedule, str) or self.schedule not in SCHEDULES:
+            self._bad("schedule", f"is not one of: {', '.join(SCHEDULES.names())}")
+        if not isinstance(self.name, str):
+            self._bad("name", "must be a string")
+        self._check_optimizer()
+
+    def _bad(self, name: str, why: str):
+        raise ConfigError(f"recipe '{self.name}': {name}={getattr(self, name)!r} {why}")
+
+    def _check_optimizer(self) -> None:
+        from ..optim import OPTIMIZERS
+
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+            self._bad("optimizer", f"is not one of: {', '.join(OPTIMIZERS.names())}")
+        if not isinstance(self.optimizer_kwargs, dict):
+            self._bad("optimizer_kwargs", "must be a dict")
+        accepted, var_kw = optimizer_arguments(self.optimizer)
+        for k, v in self.optimizer_kwargs.items():
+            if k == "lr" or k in _SHARED:
+                raise ConfigError(f"recipe '{self.name}': optimizer_kwargs[{k!r}]={v!r}: set '{k}' as a recipe "
+                                  f"field, not in optimizer_kwargs")
+            if k not in accepted and not var_kw:
+                raise ConfigError(f"recipe '{self.name}': optimizer_kwargs[{k!r}]={v!r} is not accepted by "
+                                  f"optimizer '{self.optimizer}' (it accepts: {', '.join(sorted(accepted))})")
+        for k, neutral in _SHARED.items():
+            v = getattr(self, k)
+            if k not in accepted and not var_kw and v != neutral:
+                raise ConfigError(f"recipe '{self.name}': {k}={v!r} but optimizer '{self.optimizer}' has no "
+                                  f"'{k}'; set {k}={neutral!r}")
+
+    # ------------------------------------------------------------------ API
+
+    def replace(self, **overrides: Any) -> TrainRecipe:
+        """A copy with ``overrides`` applied and every field validated again.
+
+        Raises:
+            ConfigError: an unknown field, or an invalid value (names the field and the value).
+        """
+        known = {f.name for f in dataclasses.fields(self)}
+        for k, v in overrides.items():
+            if k not in known:
+                raise ConfigError(f"recipe '{self.name}': unknown field {k}={v!r}; known fields: "
+                                  f"{', '.join(sorted(known))}")
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (milestones as a list)."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainRecipe:
+        """Inverse of :meth:`to_dict`; unknown keys are a ConfigError."""
+        return cls().replace(**d)
+
+    def optimizer_config(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`prunekit.optim.create_optimizer` (``lr`` included)."""
+        accepted, var_kw = optimizer_arguments(self.optimizer)
+        kw: dict[str, Any] = {"lr": self.lr}
+        kw.update({k: getattr(self, k) for k in _SHARED if k in accepted or var_kw})
+        kw.update(self.optimizer_kwargs)
+        return kw
+
+    def build_optimizer(self, params: Iterable):
+        """The recipe's optimizer over ``params``."""
+        return create_optimizer(self.optimizer, params, **self.optimizer_config())
+
+    def build_schedule(self, optimizer):
+        """The recipe's per-epoch lr schedule (an :class:`prunekit.optim.EpochLR`) on ``optimizer``."""
+        return create_schedule(self.schedule, optimizer, epochs=self.epochs, step_size=self.step_size,
+                               milestones=self.milestones, gamma=self.gamma)
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate the schedule gives at 0-based ``epoch`` (no optimizer needed)."""
+        factor = SCHEDULES.get(self.schedule)(epochs=self.epochs, step_size=self.step_size,
+                                             milestones=self.milestones, gamma=self.gamma)
+        return self.lr * factor(epoch)
+
+
+RECIPES: Registry = Registry("recipe")
+
+
+def register_recipe(name: str, recipe: TrainRecipe | None = None, *, overwrite: bool = False):
+    """Register a recipe under ``name`` (its ``name`` field is set to match)."""
+    def add(r: TrainRecipe) -> TrainRecipe:
+        return RECIPES.register(name, r.replace(name=name), overwrite=overwrite)
+
+    return add(recipe) if recipe is not None else add
+
+
+def get_recipe(name: str) -> TrainRecipe:
+    """The registered recipe ``name`` (immutable; derive variants with ``.replace``)."""
+    return RECIPES.get(name)
+
+
+def list_recipes() -> list[str]:
+    return RECIPES.names()
+
+
+def default_recipe_for(model_name: str) -> TrainRecipe:
+    """The paper recipe for a zoo model: LeNets → ``lenet``, CIFAR VGG/ResNet/WRN → ``cifar``,
+    ResNet-50 / MobileNetV2 → ``imagenet``, anything else → ``fast`` (the model registry reports
+    unknown names)."""
+    if model_name.startswith("lenet"):
+        return get_recipe("lenet")
+    if model_name in ("resnet50", "mobilenetv2"):
+        return get_recipe("imagenet")
+    if model_name.startswith(("vgg", "resnet", "wrn")):
+        return get_recipe("cifar")
+    return get_recipe("fast")
+
+
+# Neuron Merging, LeNet-300-100 on Fashion-MNIST: SGD 0.9, lr 0.1 ×0.1 every 15 epochs, 60 epochs.
+register_recipe("lenet", TrainRecipe(
+    epochs=60, batch_size=128, test_batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9,
+    weight_decay=1e-4, schedule="step", step_size=15, gamma=0.1))
+
+# CIFAR VGG/ResNet baselines: SGD 0.9, lr 0.1 ×0.1 at epochs 100 and 150, 200 epochs, wd 5e-4.
+register_recipe("cifar", TrainRecipe(
+    epochs=200, batch_size=128, test_batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9,
+    weight_decay=5e-4, schedule="multistep", milestones=(100, 150), gamma=0.1))
+
+# The standard ImageNet ResNet recipe: SGD 0.9, lr 0.1 ×0.1 every 30 epochs, 90 epochs, wd 1e-4, batch 256.
+register_recipe("imagenet", TrainRecipe(
+    epochs=90, batch_size=256, test_batch_size=256, optimizer="sgd", lr=0.1, momentum=0.9,
+    weight_decay=1e-4, schedule="step", step_size=30, gamma=0.1))
+
+# A few CPU epochs for tests and demos.
+register_recipe("fast", TrainRecipe(
+    epochs=3, batch_size=64, test_batch_size=256, optimizer="sgd", lr=0.05, momentum=0.9,
+    weight_decay=0.0, schedule="cosine"))

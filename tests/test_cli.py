@@ -1,0 +1,94 @@
+"""End-to-end tests of the CLI contract (later issues and external checks rely on it)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from prunekit.cli import main
+from prunekit.data import dataset_info
+
+OFFICIAL_LENET = Path(__file__).resolve().parents[2] / "shared/checkpoints/neuron-merging-lenet300-fashionmnist.pth.tar"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def run_json(capsys, *argv: str) -> dict:
+    code = main([*argv, "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    return json.loads(out)
+
+
+def run_error(capsys, *argv: str) -> str:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    return err
+
+
+def test_models_lists_zoo_with_param_counts(capsys):
+    report = run_json(capsys, "models")
+    counts = {row["name"]: row["params"] for row in report["models"]}
+    assert counts["lenet-300-100"] == 266_610
+    assert counts["resnet50"] == 25_557_032
+    assert counts["wrn-40-4"] == 8_949_210
+
+
+def test_train_then_eval_roundtrip(capsys, tmp_path):
+    out = tmp_path / "run"
+    trained = run_json(capsys, "train", "--model", "lenet-300-100", "--dataset", "synthetic", "--recipe", "fast",
+                       "--epochs", "2", "--seed", "3", "--out", str(out))
+    assert trained["epochs"] == 2
+    c, h, w = dataset_info("synthetic").input_shape
+    hidden = c * h * w
+    assert trained["params"] == hidden * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10
+    assert trained["accuracy"] > 50.0  # synthetic classes are separable; chance is 10 %
+    assert (out / "model.safetensors").exists() and (out / "log.jsonl").exists()
+    lines = (out / "log.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+
+    evaluated = run_json(capsys, "eval", "--checkpoint", str(out), "--dataset", "synthetic")
+    assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
+    assert evaluated["params"] == trained["params"]
+    assert evaluated["macs"] == trained["macs"]
+
+
+def test_unknown_model_is_a_clear_error(capsys, tmp_path):
+    err = run_error(capsys, "train", "--model", "resnet-56", "--dataset", "synthetic", "--out", str(tmp_path))
+    assert "unknown model 'resnet-56'" in err and "resnet56" in err
+
+
+def test_negative_epochs_is_a_clear_error(capsys, tmp_path):
+    err = run_error(capsys, "train", "--model", "lenet-300-100", "--dataset", "synthetic", "--epochs", "-1",
+                    "--out", str(tmp_path))
+    assert "epochs" in err and "-1" in err
+
+
+def test_missing_checkpoint_names_the_file(capsys, tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    err = run_error(capsys, "eval", "--checkpoint", str(missing), "--dataset", "synthetic")
+    assert "nope.safetensors" in err
+
+
+def test_console_script_runs_as_module():
+    proc = subprocess.run([sys.executable, "-m", "prunekit", "datasets", "--json"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    names = {row["name"] for row in json.loads(proc.stdout)["datasets"]}
+    assert {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagenet", "synthetic"} <= names
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in ../shared/checkpoints")
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+def test_eval_official_lenet_checkpoint_reports_89_80(capsys):
+    report = run_json(capsys, "eval", "--model", "lenet-300-100", "--checkpoint", str(OFFICIAL_LENET),
+                      "--dataset", "fashion-mnist")
+    assert report["accuracy"] == pytest.approx(89.80, abs=1e-9)
+    assert report["params"] == 266_610
+    assert report["macs"] == 784 * 300 + 300 * 100 + 100 * 10
+    assert report["samples"] == 10_000
