@@ -48,10 +48,10 @@ def main() -> None:
 
     model = create("lenet-300-100")
     body = [
-        f"Recipe `lenet`: {recipe.epochs} epochs, SGD momentum {recipe.momentum}, lr {recipe.lr} ×{recipe.gamma} "
-        f"every {recipe.step_size} epochs, weight decay {recipe.weight_decay}, batch {recipe.batch_size}. "
-        f"Params {count_params(model):,}, MACs {count_macs(model, input_shape=(1, 28, 28)):,}. "
-        f"Paper baseline: 89.80 %.",
+        (f"Recipe `lenet`: {recipe.epochs} epochs, SGD momentum {recipe.momentum}, lr {recipe.lr} ×{recipe.gamma} "
+         f"every {recipe.step_size} epochs, weight decay {recipe.weight_decay}, batch {recipe.batch_size}. "
+         f"Params {count_params(model):,}, MACs {count_macs(model, input_shape=(1, 28, 28)):,}. "
+         f"Paper baseline: 89.80 %."),
         "",
         markdown_table(["seed", "epochs", "test accuracy (%)", "wall time (min)"], rows),
         "",
@@ -60,8 +60,8 @@ def main() -> None:
     if OFFICIAL.exists():
         official, info = load_model(OFFICIAL, model_name="lenet-300-100")
         acc = evaluate(official, make_loader(test_set, 256, shuffle=False))["accuracy"]
-        body += ["", f"Official Neuron Merging checkpoint (`acc` field {info.get('acc')}): "
-                     f"**{acc:.2f} %** on the Fashion-MNIST test set."]
+        body += ["", (f"Official Neuron Merging checkpoint (`acc` field {info.get('acc')}): "
+                      f"**{acc:.2f} %** on the Fashion-MNIST test set.")]
     write_section("train-lenet", "LeNet-300-100 on Fashion-MNIST (paper recipe)", "\n".join(body))
 
 

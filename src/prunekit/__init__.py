@@ -3,4 +3,4 @@ __version__ = "0.1.0"
 
 from .errors import CheckpointError, ConfigError, DatasetError, PrunekitError, UnknownNameError
 
-__all__ = ["__version__", "PrunekitError", "UnknownNameError", "DatasetError", "CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "PrunekitError", "UnknownNameError", "__version__"]

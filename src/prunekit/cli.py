@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import PrunekitError
 
@@ -165,7 +166,7 @@ def cmd_eval(args: argparse.Namespace) -> Report:
 
     model_config = _model_config_for(args.dataset, _key_values(args.model_config, "--model-config")) \
         if args.model else None
-    model, info = load_model(args.checkpoint, model_name=args.model, model_config=model_config)
+    model, _info = load_model(args.checkpoint, model_name=args.model, model_config=model_config)
     device = _device(args.device)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
     loader = make_loader(test_set, args.batch_size, shuffle=False)

@@ -1,7 +1,8 @@
 """A tiny name → factory registry, shared by models, datasets, optimizers and recipes."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
 
 from .errors import unknown_name
 
