@@ -2,7 +2,7 @@
 
 Also evaluates the official Neuron Merging checkpoint when ../shared/checkpoints has it.
 
-    .venv/bin/python bench/train_lenet.py --seeds 0 1 2
+    .venv/bin/python bench/train_lenet.py --seeds 0 1 2 3 4
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ from prunekit.io import load_model
 from prunekit.metrics import count_macs, count_params, evaluate
 from prunekit.models import create
 from prunekit.recipes import get_recipe
-from prunekit.train import train
+from prunekit.train import seed_everything, train
 
 OFFICIAL = ROOT.parent / "shared/checkpoints/neuron-merging-lenet300-fashionmnist.pth.tar"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's 60 epochs")
     args = parser.parse_args()
 
@@ -39,6 +39,7 @@ def main() -> None:
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
+            seed_everything(seed)  # same initial weights as `prunekit train --seed SEED`
             result = train(create("lenet-300-100"), train_set, test_set, recipe, out_dir=Path(out), seed=seed,
                            progress=False)
             minutes = (time.perf_counter() - start) / 60

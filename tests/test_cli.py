@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from prunekit.cli import main
 from prunekit.data import dataset_info
@@ -55,6 +56,19 @@ def test_train_then_eval_roundtrip(capsys, tmp_path):
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-6)
     assert evaluated["params"] == trained["params"]
     assert evaluated["macs"] == trained["macs"]
+
+
+def test_same_seed_same_weights_different_seed_different_init(capsys, tmp_path):
+    from prunekit.io import load_model
+
+    def trained_weights(seed: int, name: str):
+        run_json(capsys, "train", "--model", "lenet-300-100", "--dataset", "synthetic", "--recipe", "fast",
+                 "--epochs", "1", "--seed", str(seed), "--out", str(tmp_path / name))
+        return load_model(tmp_path / name)[0].state_dict()
+
+    first, again, other = trained_weights(5, "a"), trained_weights(5, "b"), trained_weights(6, "c")
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    assert not torch.equal(first["fc1.weight"], other["fc1.weight"])
 
 
 def test_unknown_model_is_a_clear_error(capsys, tmp_path):

@@ -133,7 +133,7 @@ def cmd_train(args: argparse.Namespace) -> Report:
     from .data import get_dataset
     from .models import create
     from .recipes import default_recipe_for, get_recipe
-    from .train import train
+    from .train import seed_everything, train
 
     recipe = get_recipe(args.recipe) if args.recipe else default_recipe_for(args.model)
     overrides = {k: v for k, v in {
@@ -146,6 +146,7 @@ def cmd_train(args: argparse.Namespace) -> Report:
         overrides["optimizer_kwargs"] = {**recipe.optimizer_kwargs, **optimizer_kwargs}
     recipe = recipe.replace(**overrides)
 
+    seed_everything(args.seed)  # the initial weights are part of what --seed reproduces
     model = create(args.model, **_model_config_for(args.dataset, _key_values(args.model_config, "--model-config")))
     train_set = get_dataset(args.dataset, "train", root=args.data_root)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
