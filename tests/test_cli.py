@@ -106,3 +106,39 @@ def test_eval_official_lenet_checkpoint_reports_89_80(capsys):
     assert report["params"] == 266_610
     assert report["macs"] == 784 * 300 + 300 * 100 + 100 * 10
     assert report["samples"] == 10_000
+
+
+def test_prune_reports_contract_and_saves_a_reloadable_model(capsys, tmp_path):
+    run_json(capsys, "train", "--model", "lenet-300-100", "--dataset", "synthetic", "--recipe", "fast",
+             "--epochs", "1", "--out", str(tmp_path / "dense"))
+    report = run_json(capsys, "prune", "--checkpoint", str(tmp_path / "dense"), "--dataset", "synthetic",
+                      "--ratio", "0.5", "--latency-runs", "3", "--out", str(tmp_path / "small"))
+    for key in ("accuracy", "params", "macs", "params_before", "macs_before", "latency_ms", "latency_ms_before"):
+        assert key in report
+    c, h, w = dataset_info("synthetic").input_shape
+    assert report["params"] == c * h * w * 150 + 150 + 150 * 50 + 50 + 50 * 10 + 10
+    assert report["macs"] < report["macs_before"] and report["pruned"] == 200
+    evaluated = run_json(capsys, "eval", "--checkpoint", str(tmp_path / "small"), "--dataset", "synthetic")
+    assert evaluated["accuracy"] == pytest.approx(report["accuracy"], abs=1e-9)
+    assert evaluated["params"] == report["params"]
+
+
+def test_prune_rejects_a_ratio_outside_unit_interval(capsys, tmp_path):
+    run_json(capsys, "train", "--model", "lenet-300-100", "--dataset", "synthetic", "--recipe", "fast",
+             "--epochs", "1", "--out", str(tmp_path / "dense"))
+    err = run_error(capsys, "prune", "--checkpoint", str(tmp_path / "dense"), "--dataset", "synthetic",
+                    "--ratio", "1.0")
+    assert "ratio" in err and "1.0" in err
+
+
+@pytest.mark.realdata
+@pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in ../shared/checkpoints")
+@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@pytest.mark.parametrize(("ratio", "published", "params"),
+                         [(0.5, 88.40, 125_810), (0.6, 85.17, 99_450), (0.7, 71.26, 73_690), (0.8, 66.76, 48_530)])
+def test_prune_official_lenet_reproduces_published_prune_column(capsys, ratio, published, params):
+    """Neuron Merging's 'prune' column (l1-norm on [w | b], round, no data) through the general engine."""
+    report = run_json(capsys, "prune", "--model", "lenet-300-100", "--checkpoint", str(OFFICIAL_LENET),
+                      "--dataset", "fashion-mnist", "--ratio", str(ratio), "--include-bias", "--latency-runs", "1")
+    assert report["accuracy"] == pytest.approx(published, abs=0.05)
+    assert report["params"] == params

@@ -440,7 +440,8 @@ def test_model_without_arch_needs_a_name(tmp_path, fake_zoo):
         load_model(tmp_path / "plain")
 
 
-def test_load_hook_reshapes_model_before_weights(tmp_path, fake_zoo):
+def test_load_hook_reshapes_model_before_weights(tmp_path, fake_zoo, monkeypatch):
+    monkeypatch.setattr(ckpt_mod, "_LOAD_HOOKS", {})  # isolated from the engine's real prune_record hook
     pruned = _trained_tiny(width=3)
     pruned.prunekit_arch = {"name": "tiny", "config": {"width": 4, "extra": False}}  # zoo arch, then pruned
     record = {"conv": {"kept": [0, 2, 3]}, "widths": (3,)}
@@ -457,10 +458,7 @@ def test_load_hook_reshapes_model_before_weights(tmp_path, fake_zoo):
         return TinyNet(width=len(rec["conv"]["kept"]))
 
     register_load_hook("prune_record", hook)
-    try:
-        m, info = load_model(tmp_path / "p")
-    finally:
-        ckpt_mod._LOAD_HOOKS.pop("prune_record", None)
+    m, info = load_model(tmp_path / "p")
     assert seen["rec"] == record and info["prune_record"] == record
     x = torch.randn(2, 3, 6, 6)
     assert torch.equal(m.eval()(x), pruned(x))

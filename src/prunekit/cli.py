@@ -178,6 +178,54 @@ def cmd_eval(args: argparse.Namespace) -> Report:
     return report, lambda: _print_table(f"evaluated {args.checkpoint} on {args.dataset} (test split)", report)
 
 
+@command("prune")
+def cmd_prune(args: argparse.Namespace) -> Report:
+    import torch
+
+    from .data import get_dataset, make_loader
+    from .io import load_model, save_model
+    from .methods import PruneOptions, get_method
+    from .metrics import evaluate, measure_latency
+
+    method = get_method(args.method)
+    options = PruneOptions(ratio=args.ratio, criterion=args.criterion, scope=args.scope, rounding=args.rounding,
+                           ignored=tuple(args.ignore or ()),
+                           overrides={k: float(v) for k, v in _key_values(args.override, "--override").items()},
+                           include_bias=args.include_bias, seed=args.seed)
+    model_config = _model_config_for(args.dataset, _key_values(args.model_config, "--model-config")) \
+        if args.model else None
+    model, _ = load_model(args.checkpoint, model_name=args.model, model_config=model_config)
+    model.eval()
+    device = _device(args.device)
+    test_set = get_dataset(args.dataset, "test", root=args.data_root)
+    loader = make_loader(test_set, args.batch_size, shuffle=False)
+    sample_shape = tuple(test_set[0][0].shape)
+    example = torch.zeros(1, *sample_shape)
+    latency_input = torch.randn(args.latency_batch, *sample_shape, generator=torch.Generator().manual_seed(0))
+
+    def measure(m) -> dict[str, Any]:
+        m = m.to(device)
+        acc = evaluate(m, loader, device=device)["accuracy"]
+        lat = measure_latency(m, latency_input, runs=args.latency_runs, device=device).median_ms
+        return {"accuracy": round(acc, 4), "latency_ms": lat, **_size_report(m.cpu(), sample_shape)}
+
+    before = measure(model)
+    result = method(model.cpu(), example, options)
+    after = measure(result.model)
+    report = {"method": args.method, "criterion": args.criterion, "ratio": args.ratio, "scope": args.scope,
+              "dataset": args.dataset, **after,
+              **{f"{k}_before": v for k, v in before.items()},
+              "params_reduction": 1 - after["params"] / before["params"],
+              "macs_reduction": 1 - after["macs"] / before["macs"],
+              "latency_batch": args.latency_batch, **result.details}
+    if args.out:
+        report["checkpoint"] = str(save_model(Path(args.out), result.model, metadata={
+            "pruned_from": str(args.checkpoint), **{k: report[k] for k in ("method", "criterion", "ratio", "scope",
+                                                                         "dataset", "accuracy")}}))
+    return report, lambda: _print_table(f"{args.method} {args.checkpoint} (ratio {args.ratio}, {args.criterion})",
+                                        report)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -231,6 +279,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     data_args(p)
     p.add_argument("--batch-size", type=int, default=256)
+
+    from .methods import list_methods
+
+    p = add("prune", "prune a checkpoint physically (method, criterion, ratio) and measure the result")
+    p.add_argument("--model", default=None, help="architecture; required for legacy .pth checkpoints")
+    p.add_argument("--checkpoint", required=True)
+    data_args(p)
+    p.add_argument("--method", default="prune", choices=list_methods())
+    p.add_argument("--criterion", default="l1-norm", help="l1-norm, l2-norm, l2-GM, bn-scale, random")
+    p.add_argument("--ratio", type=float, required=True, help="fraction of each group's channels removed, [0, 1)")
+    p.add_argument("--scope", default="local", choices=["local", "global"])
+    p.add_argument("--rounding", default="round", choices=["round", "floor"])
+    p.add_argument("--ignore", action="append", metavar="MODULE", help="protect a module (name or pattern)")
+    p.add_argument("--override", action="append", metavar="MODULE=RATIO", help="per-module ratio")
+    p.add_argument("--include-bias", action="store_true", help="score rows as [w | b] (Neuron Merging, FC)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--latency-batch", type=int, default=8, help="batch size of the latency measurement")
+    p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--out", default=None, help="directory for the pruned model (safetensors + JSON record)")
     return parser
 
 

@@ -92,10 +92,15 @@ def save_model(
     ending in ``/``) or to ``<stem>.{safetensors,json}``. Returns the stem written.
 
     ``metadata`` and ``extra`` values must be plain data (no tensors); ``extra`` keys become
-    top-level JSON records (e.g. ``{"prune_record": {...}}``) handed to load hooks.
+    top-level JSON records (e.g. ``{"prune_record": {...}}``) handed to load hooks. A pruned model
+    (one carrying ``prunekit_record``) has its record saved as ``prune_record`` automatically, so it
+    reloads without the code that pruned it.
     """
     arch = _arch_of(model)
     extra = dict(extra or {})
+    record = getattr(model, "prunekit_record", None)
+    if record is not None and "prune_record" not in extra:
+        extra["prune_record"] = record.to_dict()
     if clash := sorted(set(extra) & _RESERVED):
         raise ConfigError(f"extra keys {clash} are reserved model.json fields")
     sd = model.state_dict()

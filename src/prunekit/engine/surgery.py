@@ -1,0 +1,245 @@
+"""Surgery: the only code that edits modules. It applies a :class:`Plan`; it never decides anything.
+
+For every member of the graph (a module dimension, role ``out``/``in``/``norm``) the kept indices are
+the member's indices whose group channel is kept (protected channels always are). Producers lose rows
+(``weight[o]``, ``bias[o]``), norms lose their per-channel tensors, consumers lose input columns, and a
+consumer reading a group with a merge matrix M (N × P) gets
+
+    W_new[o, j', ...] = Σ_j E[j, j'] · W[o, j, ...],   E[j, j'] = M[ch(j), col(ch(j'))] · [pos(j) = pos(j')]
+
+where ``ch(j)`` is the group channel of input index ``j`` and ``pos(j)`` its offset in the channel's
+block (flatten → Linear: each channel owns H·W consecutive features, so E = M ⊗ I_{HW}).
+Module attributes (``out_channels``, ``in_features``, ``groups``, ``num_features``, ...) are updated, so
+the result has the same classes, is physically smaller, and ``repr`` shows the new sizes.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CheckpointError
+from .errors import PlanError, SurgeryError
+from .graph import ChannelGraph, Member, _EvalMode, _shape_tree
+from .plan import Plan, PruneRecord
+from .rules import find_rule
+
+
+def _keep_masks(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict[int, torch.Tensor]]:
+    """Validate ``plan`` against ``graph``; per group a bool mask over its channels, and the merges."""
+    masks = [np.ones(g.size, dtype=bool) for g in graph.groups]
+    merges: dict[int, torch.Tensor] = {}
+    seen: set[int] = set()
+    for gp in plan.groups:
+        if not 0 <= gp.group_id < len(graph.groups):
+            raise PlanError(f"plan names group {gp.group_id}, but the graph has {len(graph.groups)} groups")
+        if gp.group_id in seen:
+            raise PlanError(f"plan lists group {gp.group_id} twice")
+        seen.add(gp.group_id)
+        g = graph.groups[gp.group_id]
+        if gp.size is not None and gp.size != g.size:
+            raise PlanError(f"group {g.id} ('{g.name}') has {g.size} channels, the plan says {gp.size}")
+        keep = np.asarray(gp.keep, dtype=np.int64)
+        if len(keep) == 0:
+            raise PlanError(f"group {g.id} ('{g.name}'): keep is empty (at least one channel must stay)")
+        if keep.min() < 0 or keep.max() >= g.size:
+            raise PlanError(f"group {g.id} ('{g.name}'): keep indices must be in [0, {g.size})")
+        mask = np.zeros(g.size, dtype=bool)
+        mask[keep] = True
+        dropped = [c for c in g.blocked if not mask[c]]
+        if dropped:
+            raise PlanError(f"group {g.id} ('{g.name}'): plan removes protected channel {dropped[0]} "
+                            f"({g.blocked[dropped[0]]})")
+        masks[g.id] = mask
+        if gp.merge is not None:
+            if not g.mergeable:
+                raise PlanError(f"group {g.id} ('{g.name}') is not mergeable: {g.merge_reason}")
+            if tuple(gp.merge.shape) != (g.size, len(keep)):
+                raise PlanError(f"group {g.id} ('{g.name}'): merge must be {g.size}×{len(keep)}, "
+                                f"got {tuple(gp.merge.shape)}")
+            merges[g.id] = gp.merge
+    return masks, merges
+
+
+def _member_keep(m: Member, masks: list[np.ndarray]) -> np.ndarray:
+    keep = np.ones(len(m), dtype=bool)
+    inside = m.group >= 0
+    for gid in np.unique(m.group[inside]).tolist():
+        sel = m.group == gid
+        keep[sel] = masks[gid][m.channel[sel]]
+    return keep
+
+
+def _merge_matrix(m: Member, keep: np.ndarray, masks: list[np.ndarray], merges: dict[int, torch.Tensor],
+                  plan: Plan) -> torch.Tensor:
+    """Sparse E (len(m) × kept) for consumer member ``m`` (see module docstring)."""
+    new_of_old = np.full(len(m), -1, dtype=np.int64)
+    kept = np.nonzero(keep)[0]
+    new_of_old[kept] = np.arange(len(kept))
+    rows, cols, vals = [], [], []
+    touched = np.isin(m.group, list(merges))
+    ident = kept[~touched[kept]]
+    rows.append(ident)
+    cols.append(new_of_old[ident])
+    vals.append(np.ones(len(ident)))
+    for gid, M in merges.items():
+        sel = np.nonzero(m.group == gid)[0]
+        if len(sel) == 0:
+            continue
+        col_of_channel = {c: p for p, c in enumerate(plan.group(gid).keep)}
+        Mn = M.detach().double().cpu().numpy()
+        new_sel = sel[keep[sel]]
+        for s in np.unique(m.pos[sel]).tolist():
+            src = sel[m.pos[sel] == s]
+            dst = new_sel[m.pos[new_sel] == s]
+            p = np.array([col_of_channel[c] for c in m.channel[dst].tolist()], dtype=np.int64)
+            block = Mn[np.ix_(m.channel[src], p)]
+            r, c = np.nonzero(block)
+            rows.append(src[r])
+            cols.append(new_of_old[dst[c]])
+            vals.append(block[r, c])
+    idx = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(cols)]))
+    return torch.sparse_coo_tensor(idx, torch.from_numpy(np.concatenate(vals)), (len(m), len(kept)),
+                                   check_invariants=True).coalesce()
+
+
+def _module_shapes(module: nn.Module) -> dict[str, list[int]]:
+    out = {n: list(p.shape) for n, p in module.named_parameters(recurse=False)}
+    out.update({n: list(b.shape) for n, b in module.named_buffers(recurse=False) if b is not None})
+    return out
+
+
+def _check_size(module: nn.Module, rule: Any, m: Member) -> None:
+    size = rule.size(module, m.role)
+    if size is not None and size != len(m):
+        raise PlanError(f"module '{m.module}' has {size} {m.role}-channels but the graph recorded {len(m)}: "
+                        "the graph was built from another model (rebuild it from this one)")
+
+
+def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = True) -> nn.Module:
+    """Apply ``plan`` to a deep copy of ``model`` (left untouched) and return the copy.
+
+    The copy carries ``prunekit_record`` (a :class:`PruneRecord`, the model's previous record plus this
+    step) for saving/replay. With ``verify`` the copy is run on the graph's example inputs and must
+    give outputs of the same shapes, else :class:`SurgeryError`.
+    """
+    masks, merges = _keep_masks(graph, plan)
+    new = copy.deepcopy(model)
+    step: dict[str, dict[str, Any]] = {}
+    for m in graph.members:
+        module = new.get_submodule(m.module)
+        rule = find_rule(type(module))
+        if rule is None:  # pragma: no cover - members only exist for modules with rules
+            continue
+        _check_size(module, rule, m)
+        keep = _member_keep(m, masks)
+        if not keep.any():
+            raise PlanError(f"plan removes every {m.role}-channel of module '{m.module}' ({m.kind})")
+        merging = m.role == "in" and bool(np.isin(m.group, list(merges)).any())
+        if keep.all() and not merging:
+            continue
+        idx = torch.from_numpy(np.nonzero(keep)[0])
+        if merging:
+            rule.merge_in(module, _merge_matrix(m, keep, masks, merges, plan))
+        else:
+            rule.prune(module, m.role, idx)
+        entry = step.setdefault(m.module, {"type": type(module).__name__})
+        entry[m.role] = idx.tolist()
+    shapes = {name: _module_shapes(new.get_submodule(name)) for name in step}
+    base = getattr(model, "prunekit_record", None)
+    base = base if isinstance(base, PruneRecord) else PruneRecord()
+    new.prunekit_record = base.then(step, shapes) if step else base
+    if verify:
+        _verify(new, graph)
+    return new
+
+
+def _verify(model: nn.Module, graph: ChannelGraph) -> None:
+    args, kwargs = graph.example_inputs
+    try:
+        with _EvalMode(model):
+            out = model(*args, **kwargs)
+    except Exception as e:
+        raise SurgeryError(f"the pruned {type(model).__name__} fails on the example inputs: "
+                           f"{type(e).__name__}: {e}. A forward probably hard-codes a channel count "
+                           "(e.g. view(-1, 512)); ignore the module involved") from e
+    shapes = _shape_tree(out)
+    if shapes != graph.output_shapes:
+        raise SurgeryError(f"the pruned {type(model).__name__} changes output shapes: {graph.output_shapes} → "
+                           f"{shapes}")
+
+
+def mask(model: nn.Module, graph: ChannelGraph, plan: Plan) -> nn.Module:
+    """Soft pruning: a deep copy of ``model`` with the plan's removed channels zeroed at their producers
+    and norms (rows and bias of every ``out`` member, γ/β/running mean of every ``norm`` member).
+
+    For networks whose ops map 0 to 0 (ReLU, SiLU, GELU, Tanh, pooling, add, BN in eval with β = 0 ...)
+    its outputs equal those of ``apply(model, graph, plan)`` without merges.
+    """
+    masks, _ = _keep_masks(graph, plan)
+    new = copy.deepcopy(model)
+    for m in graph.members:
+        if m.role == "in":
+            continue
+        drop = ~_member_keep(m, masks)
+        if drop.any():
+            module = new.get_submodule(m.module)
+            find_rule(type(module)).zero(module, m.role, torch.from_numpy(np.nonzero(drop)[0]))
+    return new
+
+
+def record_of(model: nn.Module) -> PruneRecord | None:
+    """The :class:`PruneRecord` carried by a model returned by :func:`apply` (None if never pruned)."""
+    rec = getattr(model, "prunekit_record", None)
+    return rec if isinstance(rec, PruneRecord) else None
+
+
+def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
+    """Resize a freshly built dense ``model`` in place as ``record`` says (no weights needed: tensors are
+    sliced, then normally overwritten by a state dict). Returns ``model`` carrying the record.
+
+    Raises :class:`~prunekit.errors.CheckpointError` naming the module when the record does not fit.
+    """
+    if not isinstance(record, PruneRecord):
+        try:
+            record = PruneRecord.from_json(record)
+        except (PlanError, ValueError, TypeError) as e:
+            raise CheckpointError(f"prune_record is unreadable: {e}") from e
+    for i, step in enumerate(record.steps):
+        for name, entry in step.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise CheckpointError(f"prune_record step {i}: {type(model).__name__} has no module '{name}'") from None
+            if type(module).__name__ != entry.get("type"):
+                raise CheckpointError(f"prune_record step {i}: module '{name}' is {type(module).__name__}, "
+                                      f"the record says {entry.get('type')}")
+            rule = find_rule(type(module))
+            if rule is None:
+                raise CheckpointError(f"prune_record step {i}: module '{name}' ({type(module).__name__}) has "
+                                      "no channel rule (register the layer before loading)")
+            for role in ("out", "in", "norm"):
+                if role not in entry:
+                    continue
+                idx = torch.as_tensor(entry[role], dtype=torch.long)
+                size = rule.size(module, role)
+                if len(idx) and (idx.min() < 0 or (size is not None and idx.max() >= size)):
+                    raise CheckpointError(f"prune_record step {i}: indices for '{name}' ({role}) exceed its "
+                                          f"{size} channels")
+                rule.prune(module, role, idx)
+    for name, shapes in record.shapes.items():
+        have = _module_shapes(model.get_submodule(name))
+        for t, shape in shapes.items():
+            if have.get(t) != list(shape):
+                raise CheckpointError(f"prune_record: after replay '{name}.{t}' has shape {have.get(t)}, "
+                                      f"the record says {shape}")
+    model.prunekit_record = record
+    return model
+
+
+def load_hook(model: nn.Module, value: Any) -> nn.Module:
+    """``prunekit.io`` load hook for the ``"prune_record"`` key: replay the record on the dense model."""
+    return replay(model, value)

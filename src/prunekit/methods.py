@@ -1,0 +1,69 @@
+"""Pruning methods by name: what ``prunekit prune --method NAME`` runs.
+
+A method maps ``(model, example_inputs, PruneOptions)`` to a :class:`MethodResult`: a new, smaller
+model (the input is untouched) and a JSON-ready ``details`` dict for the report. Methods decide; the
+engine (``prunekit.engine``) applies. Later methods (Neuron Merging's ``merge``, least-squares
+compensation, Polarization) register here too.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .registry import Registry
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """Options shared by the channel-pruning methods (see :func:`prunekit.engine.prune`)."""
+
+    ratio: float = 0.5
+    criterion: str = "l1-norm"
+    scope: str = "local"
+    rounding: str = "round"
+    ignored: tuple[str, ...] = ()
+    overrides: dict[str, float] = field(default_factory=dict)
+    include_bias: bool = False
+    seed: int = 0
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        return {"ratio": self.ratio, "criterion": self.criterion, "scope": self.scope, "rounding": self.rounding,
+                "ignored": list(self.ignored) or None, "overrides": self.overrides or None,
+                "include_bias": self.include_bias, "seed": self.seed}
+
+
+@dataclass
+class MethodResult:
+    model: nn.Module
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Method = Callable[[nn.Module, Any, PruneOptions], MethodResult]
+METHODS: Registry[Method] = Registry("pruning method")
+
+
+def register_method(name: str) -> Callable[[Method], Method]:
+    return lambda fn: METHODS.register(name, fn)
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)
+
+
+def list_methods() -> list[str]:
+    return METHODS.names()
+
+
+@register_method("prune")
+def structured_prune(model: nn.Module, example_inputs: Any, options: PruneOptions) -> MethodResult:
+    """Plain structured pruning: keep the best channels of every group by ``options.criterion``."""
+    from .engine import prune
+
+    pruned = prune(model, example_inputs, **options.engine_kwargs())
+    plan = pruned.prunekit_plan
+    removed = sum(g.size - len(g.keep) for g in plan.groups)
+    return MethodResult(pruned, {"groups": len(plan.groups), "channels_removed": removed, "pruned": removed,
+                                 "merged": 0})
