@@ -226,6 +226,20 @@ def cmd_prune(args: argparse.Namespace) -> Report:
                                         report)
 
 
+@command("reproduce")
+def cmd_reproduce(args: argparse.Namespace) -> Report:
+    from .reproduce import StudyOptions, get_study, list_studies
+
+    if args.name == "list":
+        names = list_studies()
+        return {"studies": names}, lambda: print("\n".join(names))
+    options = StudyOptions(checkpoint=args.checkpoint, data_root=args.data_root, device=args.device,
+                           epochs=args.epochs, finetune_epochs=args.finetune_epochs, out=args.out, seed=args.seed,
+                           progress=not args.json, extra=_key_values(args.set, "--set"))
+    report, table = get_study(args.name)(options)
+    return report, lambda: print(table)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -299,6 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=int, default=8, help="batch size of the latency measurement")
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--out", default=None, help="directory for the pruned model (safetensors + JSON record)")
+
+    p = add("reproduce", "run a paper study in one command (`prunekit reproduce list` shows them)")
+    p.add_argument("name")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--out", default=None, help="directory for the study's models and results")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="study-specific option")
     return parser
 
 
