@@ -5,6 +5,7 @@
 """
 __version__ = "0.1.0"
 
+from . import io
 from .engine import (
     ChannelGraph,
     GroupPlan,
@@ -33,6 +34,7 @@ __all__ = [
     "UntraceableModelError",
     "__version__",
     "apply",
+    "io",
     "make_plan",
     "prune",
     "register_layer",
