@@ -60,10 +60,10 @@ def main() -> None:
         markdown_table(["seed", "epochs", "final test accuracy (%)", "best epoch's test accuracy (%)",
                         "wall time (min)"], rows),
         "",
-        f"**Median final test accuracy over {len(accuracies)} seeds: {median(accuracies):.2f} %** "
-        f"(`make demo` = seed 0). The best-epoch column is the official script's protocol (it keeps the "
-        f"epoch with the best *test* accuracy, which selects on the test set): median "
-        f"{median(best_accuracies):.2f} %. prunekit reports the final epoch.",
+        (f"**Median final test accuracy over {len(accuracies)} seeds: {median(accuracies):.2f} %** "
+         f"(`make demo` = seed 0). The best-epoch column is the official script's protocol (it keeps the "
+         f"epoch with the best *test* accuracy, which selects on the test set): median "
+         f"{median(best_accuracies):.2f} %. prunekit reports the final epoch."),
     ]
     if OFFICIAL.exists():
         official, info = load_model(OFFICIAL, model_name="lenet-300-100")

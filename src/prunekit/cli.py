@@ -133,8 +133,10 @@ def cmd_train(args: argparse.Namespace) -> Report:
     from .data import get_dataset
     from .models import create
     from .recipes import default_recipe_for, get_recipe
+    from .regularizers import _load_builtin_regularizers
     from .train import seed_everything, train
 
+    _load_builtin_regularizers()  # method packages register their recipes (e.g. polarization-fmnist)
     recipe = get_recipe(args.recipe) if args.recipe else default_recipe_for(args.model)
     overrides = {k: v for k, v in {
         "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
@@ -142,6 +144,7 @@ def cmd_train(args: argparse.Namespace) -> Report:
     }.items() if v is not None}
     overrides.update(_key_values(args.set, "--set"))
     optimizer_kwargs = _key_values(args.opt, "--opt")
+    optimizer_kwargs.update({k: v for k, v in (("c", args.grda_c), ("mu", args.grda_mu)) if v is not None})
     if optimizer_kwargs:
         overrides["optimizer_kwargs"] = {**recipe.optimizer_kwargs, **optimizer_kwargs}
     recipe = recipe.replace(**overrides)
@@ -150,13 +153,44 @@ def cmd_train(args: argparse.Namespace) -> Report:
     model = create(args.model, **_model_config_for(args.dataset, _key_values(args.model_config, "--model-config")))
     train_set = get_dataset(args.dataset, "train", root=args.data_root)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
+    callbacks = []
+    if recipe.optimizer == "grda":  # gRDA's sparsity is its result: log it every epoch
+        from .callbacks import SparsityLogger
+
+        callbacks.append(SparsityLogger(verbose=not args.json))
+    regularizers = _train_regularizers(args, model, callbacks)
     result = train(model, train_set, test_set, recipe, out_dir=Path(args.out), seed=args.seed,
                    resume=args.resume, device=_device(args.device), progress=not args.json,
-                   metadata={"dataset": args.dataset})
+                   metadata={"dataset": args.dataset}, callbacks=callbacks, regularizers=regularizers)
     report = {"model": args.model, "dataset": args.dataset, "recipe": recipe.name, "epochs": recipe.epochs,
               "seed": args.seed, "accuracy": result.accuracy,
               **_size_report(result.model, test_set[0][0].shape), "checkpoint": str(result.checkpoint_path)}
+    if callbacks and result.history:
+        report.update({k: result.history[-1][k] for k in ("sparsity", "weight_sparsity") if k in result.history[-1]})
+    if regularizers:
+        report["regularizer"] = regularizers[0].state_dict()
+        if result.history and "macs_reduction" in result.history[-1]:
+            report["macs_reduction_at_threshold"] = result.history[-1]["macs_reduction"]
     return report, lambda: _print_table(f"trained {args.model} on {args.dataset}", report)
+
+
+def _train_regularizers(args: argparse.Namespace, model, callbacks: list) -> list:
+    """``--regularizer polarization|slimming --reg-lambda L [--reg-t T] [--reg-bn-init 0.5]``."""
+    if not args.regularizer or args.regularizer == "none":
+        return []
+    from .regularizers import create_regularizer
+
+    if args.reg_lambda is None:
+        raise PrunekitError(f"--regularizer {args.regularizer} needs --reg-lambda")
+    kw = {"lam": args.reg_lambda, "preset": args.reg_preset, "bn_init": args.reg_bn_init}
+    if args.regularizer == "polarization":
+        kw.update({"t": 1.2 if args.reg_t is None else args.reg_t, "a": args.reg_a})
+        from .polarization import FlopsMonitor  # logs the MACs reduction the threshold gives, every epoch
+
+        callbacks.append(FlopsMonitor(verbose=not args.json))
+    elif args.reg_t is not None:
+        raise PrunekitError(f"--reg-t is a polarization option; regularizer '{args.regularizer}' has no t")
+    return [create_regularizer(args.regularizer, model, **kw)]
 
 
 @command("eval")
@@ -188,13 +222,21 @@ def cmd_prune(args: argparse.Namespace) -> Report:
     from .metrics import evaluate, measure_latency
 
     method = get_method(args.method)
-    options = PruneOptions(ratio=args.ratio, criterion=args.criterion, scope=args.scope, rounding=args.rounding,
-                           ignored=tuple(args.ignore or ()),
+    if args.ratio is None and getattr(method, "needs_ratio", True):
+        raise PrunekitError(f"method '{args.method}' needs --ratio (fraction of each group's channels removed)")
+    options = PruneOptions(ratio=PruneOptions.ratio if args.ratio is None else args.ratio, criterion=args.criterion,
+                           scope=args.scope, rounding=args.rounding, ignored=tuple(args.ignore or ()),
                            overrides={k: float(v) for k, v in _key_values(args.override, "--override").items()},
-                           include_bias=args.include_bias, seed=args.seed)
+                           include_bias=args.include_bias, seed=args.seed, threshold=args.threshold,
+                           method_options={**{k: v for k, v in (("lam", args.lam), ("bn_scale", args.bn_scale),
+                                                                ("preset", args.preset),
+                                                                ("calibration", args.calibration)) if v is not None},
+                                           **_key_values(args.method_option, "--method-option")},
+                           calibration_data=lambda: get_dataset(args.dataset, "train", root=args.data_root,
+                                                                augment=False))
     model_config = _model_config_for(args.dataset, _key_values(args.model_config, "--model-config")) \
         if args.model else None
-    model, _ = load_model(args.checkpoint, model_name=args.model, model_config=model_config)
+    model, info = load_model(args.checkpoint, model_name=args.model, model_config=model_config)
     model.eval()
     device = _device(args.device)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
@@ -218,12 +260,83 @@ def cmd_prune(args: argparse.Namespace) -> Report:
               "params_reduction": 1 - after["params"] / before["params"],
               "macs_reduction": 1 - after["macs"] / before["macs"],
               "latency_batch": args.latency_batch, **result.details}
+    if args.finetune_epochs:
+        ft = _finetune(args, result.model, (info.get("arch") or {}).get("name") or args.model, test_set, device)
+        report.update({"accuracy_finetuned": round(ft.accuracy, 4), "finetune_epochs": ft.epochs,
+                       "finetune_recipe": ft.extra.get("recipe")})
+        result.model = ft.model.cpu()
     if args.out:
         report["checkpoint"] = str(save_model(Path(args.out), result.model, metadata={
             "pruned_from": str(args.checkpoint), **{k: report[k] for k in ("method", "criterion", "ratio", "scope",
                                                                          "dataset", "accuracy")}}))
-    return report, lambda: _print_table(f"{args.method} {args.checkpoint} (ratio {args.ratio}, {args.criterion})",
-                                        report)
+    def render() -> None:
+        _print_table(f"{args.method} {args.checkpoint} (ratio {args.ratio}, {args.criterion})",
+                     {k: v for k, v in report.items() if k != "groups"})
+        for g in report.get("groups") or []:  # per-group report of merge/lstsq
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in g.items()))
+
+    return report, render
+
+
+def _finetune(args: argparse.Namespace, model, arch: str | None, test_set, device: str):
+    """Fine-tune a pruned model (any method) for ``--finetune-epochs`` with ``--finetune-recipe``, or the
+    model family's default recipe at ``--finetune-lr`` with a cosine schedule."""
+    from .data import get_dataset
+    from .recipes import default_recipe_for, get_recipe
+    from .regularizers import _load_builtin_regularizers
+    from .train import train
+
+    _load_builtin_regularizers()  # registers the method packages' recipes
+    if args.finetune_recipe:
+        recipe = get_recipe(args.finetune_recipe).replace(epochs=args.finetune_epochs)
+    else:
+        recipe = default_recipe_for(arch or "").replace(epochs=args.finetune_epochs, lr=args.finetune_lr,
+                                                        schedule="cosine", milestones=(), name="finetune")
+    train_set = get_dataset(args.dataset, "train", root=args.data_root)
+    out = Path(args.out) / "finetune" if args.out else None
+    return train(model, train_set, test_set, recipe, out_dir=out, seed=args.seed, device=device,
+                 progress=not args.json, metadata={"dataset": args.dataset, "stage": "finetune"})
+
+
+@command("search")
+def cmd_search(args: argparse.Namespace) -> Report:
+    """Algorithm 1 (Polarization): bisect λ, then step t, with short trainings, to a FLOPs target."""
+    from .polarization.search import search_lambda_t, training_trial
+    from .polarization.studies import StudySpec
+    from .reproduce import StudyOptions
+
+    if args.method != "polarization":
+        raise PrunekitError(f"search supports --method polarization only, got '{args.method}'")
+    recipe = args.recipe or "polarization-fmnist"
+    spec = StudySpec(model=args.model, dataset=args.dataset, lam=args.lam_max, t=args.t0, baseline_recipe=recipe,
+                     sparse_recipe=recipe, finetune_recipe=recipe, preset=args.reg_preset, bn_init=args.reg_bn_init,
+                     model_config=_key_values(args.model_config, "--model-config"),
+                     threshold=args.threshold or "auto", batch_size=args.batch_size)
+    options = StudyOptions(data_root=args.data_root, device=args.device, seed=args.seed, progress=not args.json)
+
+    def show(trial) -> None:
+        if not args.json:
+            print(f"trial {trial.index} ({trial.phase}): λ={trial.lam:.4g} t={trial.t:.3g} → FLOPs reduction "
+                  f"{100 * trial.flops_reduction:.1f}% (regularized {trial.extra.get('accuracy_regularized')}%, "
+                  f"pruned {trial.extra.get('accuracy_pruned')}%)", file=sys.stderr, flush=True)
+
+    trial = training_trial(spec, options, epochs=args.epochs, out_root=Path(args.out), progress=not args.json)
+    result = search_lambda_t(trial, args.flops_target, delta=args.delta, lam_max=args.lam_max, t0=args.t0,
+                             t_step=args.t_step, max_trials=args.max_trials, on_trial=show)
+    report = {"method": args.method, "model": args.model, "dataset": args.dataset, "recipe": recipe,
+              "epochs_per_trial": args.epochs, **result.to_dict()}
+
+    def render() -> None:
+        print(f"Algorithm 1: target {100 * args.flops_target:.0f}% ± {100 * args.delta:.0f} points FLOPs reduction")
+        print(f"{'#':>2} {'phase':<6} {'λ':>10} {'t':>5} {'FLOPs↓':>8} {'acc reg':>8} {'acc pruned':>10}")
+        for t in result.trials:
+            print(f"{t.index:>2} {t.phase:<6} {t.lam:>10.4g} {t.t:>5.2f} {100 * t.flops_reduction:>7.1f}% "
+                  f"{t.extra.get('accuracy_regularized', float('nan')):>8.2f} "
+                  f"{t.extra.get('accuracy_pruned', float('nan')):>10.2f}")
+        state = "converged" if result.converged else "not converged"
+        print(f"→ λ={result.lam:.4g}, t={result.t:.3g}: {100 * result.flops_reduction:.1f}% ({state}: {result.reason})")
+
+    return report, render
 
 
 @command("reproduce")
@@ -283,6 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float)
     p.add_argument("--optimizer")
     p.add_argument("--opt", action="append", metavar="KEY=VALUE", help="extra optimizer option")
+    p.add_argument("--grda-c", type=float, help="gRDA's c (same as --opt c=...)")
+    p.add_argument("--grda-mu", type=float, help="gRDA's mu (same as --opt mu=...)")
+    p.add_argument("--regularizer", default=None, help="polarization, slimming (scaling-factor regularizers)")
+    p.add_argument("--reg-lambda", type=float, help="regularizer strength λ")
+    p.add_argument("--reg-t", type=float, help="polarization's t (default 1.2)")
+    p.add_argument("--reg-a", type=float, default=1.0, help="polarization's clamp bound a (default 1)")
+    p.add_argument("--reg-bn-init", type=float, default=None, help="initialise BN γ to this (paper: 0.5)")
+    p.add_argument("--reg-preset", default="engine",
+                   help="which factors: engine (default, any model), resnet-cifar, vgg16, resnet50, all-bn")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any recipe field")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="run directory: checkpoints, log.jsonl, model.safetensors")
@@ -302,17 +424,54 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--method", default="prune", choices=list_methods())
     p.add_argument("--criterion", default="l1-norm", help="l1-norm, l2-norm, l2-GM, bn-scale, random")
-    p.add_argument("--ratio", type=float, required=True, help="fraction of each group's channels removed, [0, 1)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="fraction of each group's channels removed, [0, 1) (not needed by polarization)")
+    p.add_argument("--threshold", type=str, default=None,
+                   help="method threshold, parsed by the method (polarization: auto, global, percent or a number; "
+                        "merge: min cosine to merge, 0 = none, default 0.45 FC / 0.1 conv+BN or the preset's)")
+    p.add_argument("--method-option", action="append", metavar="KEY=VALUE",
+                   help="method-specific option, e.g. combine=mean (polarization)")
+    p.add_argument("--finetune-epochs", type=int, default=0, help="fine-tune the pruned model for N epochs")
+    p.add_argument("--finetune-recipe", default=None, help="recipe of the fine-tune (default: model family's)")
+    p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune lr without --finetune-recipe")
     p.add_argument("--scope", default="local", choices=["local", "global"])
     p.add_argument("--rounding", default="round", choices=["round", "floor"])
     p.add_argument("--ignore", action="append", metavar="MODULE", help="protect a module (name or pattern)")
     p.add_argument("--override", action="append", metavar="MODULE=RATIO", help="per-module ratio")
-    p.add_argument("--include-bias", action="store_true", help="score rows as [w | b] (Neuron Merging, FC)")
+    p.add_argument("--include-bias", action=argparse.BooleanOptionalAction, default=None,
+                   help="score rows as [w | b] (Neuron Merging, FC; default: on for merge/lstsq, off for prune)")
+    p.add_argument("--lam", type=float, default=None, help="merge: lambda of MostSim+BN (default 0.85 or the preset's)")
+    p.add_argument("--bn-scale", default=None, choices=["exact", "paper"],
+                   help="merge: BN algebra, exact (default) or the official code's formulas")
+    p.add_argument("--preset", default=None,
+                   help="merge/lstsq: official pipeline (lenet-300-100, vgg16-cifar10, vgg16-cifar100, resnet56, "
+                        "wrn-40-4)")
+    p.add_argument("--calibration", type=int, default=None,
+                   help="lstsq: number of unlabeled training inputs (default 1000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--latency-batch", type=int, default=8, help="batch size of the latency measurement")
     p.add_argument("--latency-runs", type=int, default=30)
     p.add_argument("--out", default=None, help="directory for the pruned model (safetensors + JSON record)")
+
+    p = add("search", "Polarization Algorithm 1: find (λ, t) for a FLOPs-reduction target with short trainings")
+    p.add_argument("--method", default="polarization", choices=["polarization"])
+    p.add_argument("--model", required=True)
+    data_args(p)
+    p.add_argument("--flops-target", type=float, required=True, help="FLOPs reduction F*, e.g. 0.5")
+    p.add_argument("--delta", type=float, default=0.05, help="tolerance δ (paper 0.05); the λ phase stops at 2δ")
+    p.add_argument("--lam-max", type=float, default=2e-4, help="initial upper bracket of λ (paper 2e-4)")
+    p.add_argument("--t0", type=float, default=1.2, help="initial t (paper 1.2)")
+    p.add_argument("--t-step", type=float, default=0.1)
+    p.add_argument("--max-trials", type=int, default=8, help="at most this many trainings")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per trial (default: the recipe's)")
+    p.add_argument("--recipe", default=None, help="sparsity-training recipe (default polarization-fmnist)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--threshold", default=None, help="auto (per-layer valley), global or a number")
+    p.add_argument("--reg-preset", default="engine")
+    p.add_argument("--reg-bn-init", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for the trials' runs (reused when present)")
 
     p = add("reproduce", "run a paper study in one command (`prunekit reproduce list` shows them)")
     p.add_argument("name")

@@ -26,13 +26,22 @@ class PruneOptions:
     rounding: str = "round"
     ignored: tuple[str, ...] = ()
     overrides: dict[str, float] = field(default_factory=dict)
-    include_bias: bool = False
+    #: score rows as ``[w | b]``; None: the method's default (off for ``prune``, on for ``merge``/``lstsq``)
+    include_bias: bool | None = None
     seed: int = 0
+    #: method-specific threshold, parsed by the method (Neuron Merging: a float; Polarization: ``"auto"``,
+    #: ``"global"``, ``"percent"`` or a float); None: the method's default.
+    threshold: float | str | None = None
+    #: further method-specific options (e.g. Polarization's ``combine``, ``fallback``).
+    method_options: dict[str, Any] = field(default_factory=dict)
+    #: unlabeled calibration inputs for data-light methods (``lstsq``): a dataset, a tensor, or a
+    #: zero-argument callable returning one (so that only the methods that need it load it)
+    calibration_data: Any = None
 
     def engine_kwargs(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "criterion": self.criterion, "scope": self.scope, "rounding": self.rounding,
                 "ignored": list(self.ignored) or None, "overrides": self.overrides or None,
-                "include_bias": self.include_bias, "seed": self.seed}
+                "include_bias": bool(self.include_bias), "seed": self.seed}
 
 
 @dataclass
@@ -50,11 +59,25 @@ def register_method(name: str) -> Callable[[Method], Method]:
 
 
 def get_method(name: str) -> Method:
+    _load_builtin_methods()
     return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
+    _load_builtin_methods()
     return METHODS.names()
+
+
+def _load_builtin_methods() -> None:
+    """Import the method packages that register methods here (optional ones may be absent)."""
+    import importlib
+
+    for module in ("prunekit.polarization", "prunekit.merging.method"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
 
 
 @register_method("prune")

@@ -45,3 +45,35 @@ class Regularizer:
 
 class NoRegularizer(Regularizer):
     """The explicit "nothing": adds no term and projects nothing (useful as a CLI default)."""
+
+
+# --------------------------------------------------------------------------- registry
+# ``create_regularizer("polarization", model, lam=1e-4, t=1.2)``: factories take the model (to select
+# the factors they act on) and keyword options. Method packages register theirs on import.
+
+from .registry import Registry
+
+REGULARIZERS: Registry = Registry("regularizer")
+REGULARIZERS.register("none", lambda model, **kw: NoRegularizer())
+
+
+def _load_builtin_regularizers() -> None:
+    import importlib
+
+    for module in ("prunekit.polarization",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module.startswith(exc.name):
+                raise
+
+
+def create_regularizer(name: str, model: nn.Module, **kw: Any) -> Regularizer:
+    """Build the registered regularizer ``name`` for ``model`` (e.g. ``"polarization"``, ``"slimming"``)."""
+    _load_builtin_regularizers()
+    return REGULARIZERS.get(name)(model, **kw)
+
+
+def list_regularizers() -> list[str]:
+    _load_builtin_regularizers()
+    return REGULARIZERS.names()

@@ -42,6 +42,7 @@ from torch import nn
 
 from . import distributed as dist
 from .errors import CheckpointError, ConfigError, PrunekitError
+from .optim import SCHEDULES
 from .recipes import TrainRecipe, get_recipe
 from .regularizers import Regularizer
 
@@ -452,6 +453,18 @@ class Trainer:
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = list(state["history"])
 
+    def _same_lr_so_far(self, saved_epochs: Any, done: int) -> bool:
+        """Whether a run planned for ``saved_epochs`` used the same LR factors for its first ``done``
+        epochs as this recipe does: then extending or shortening it on resume is exact (true for step
+        schedules, false for schedules shaped by the run length, e.g. cosine)."""
+        if not isinstance(saved_epochs, int) or saved_epochs < 1:
+            return False
+        r = self.recipe
+        make = SCHEDULES.get(r.schedule)
+        kw = {"step_size": r.step_size, "milestones": tuple(r.milestones), "gamma": r.gamma}
+        before, now = make(epochs=saved_epochs, **kw), make(epochs=r.epochs, **kw)
+        return all(math.isclose(before(e), now(e), rel_tol=0, abs_tol=0) for e in range(done))
+
     def _check_compatible(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint written by a different model, recipe, seed or regularizer list."""
         stem = self.checkpoint_stem
@@ -472,7 +485,7 @@ class Trainer:
                                   f"use a fresh out_dir or resume=False")
         ours = self.recipe.to_dict()
         theirs = dict(state["recipe"])
-        ignore = {"name"} | ({"epochs"} if self.recipe.schedule != "cosine" else set())
+        ignore = {"name"} | ({"epochs"} if self._same_lr_so_far(theirs.get("epochs"), int(state["epoch"])) else set())
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours
                 if k not in ignore and theirs.get(k) != ours[k]]
         if diff:

@@ -56,6 +56,9 @@ class GroupPlan:
         merge: optional M of shape (N, len(keep)); column p belongs to ``keep[p]``.
         size: N, the group's channel count (checked against the graph).
         criterion, ratio: how ``keep`` was chosen; ``provenance``: anything else (scores, seed, ...).
+        shift: optional (N,) offsets: the consumers' input of channel n is approximated by
+            ``(M x_kept)_n + shift_n`` (an affine merge, e.g. least-squares compensation with an
+            intercept); surgery folds ``W · shift`` into every consumer's bias.
     """
 
     group_id: int
@@ -66,6 +69,7 @@ class GroupPlan:
     criterion: str | None = None
     ratio: float | None = None
     provenance: dict = field(default_factory=dict)
+    shift: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         keep = [int(k) for k in (self.keep.tolist() if isinstance(self.keep, torch.Tensor) else self.keep)]
@@ -79,6 +83,11 @@ class GroupPlan:
                 raise PlanError(f"group {self.group_id}: merge must be N×{len(keep)} (one column per kept "
                                 f"channel), got {tuple(m.shape)}")
             self.merge = m[:, order].contiguous() if order != list(range(len(keep))) else m
+        if self.shift is not None:
+            self.shift = torch.as_tensor(self.shift).reshape(-1)
+            if self.size is not None and self.shift.numel() != self.size:
+                raise PlanError(f"group {self.group_id}: shift must have one value per channel ({self.size}), "
+                                f"got {self.shift.numel()}")
 
     @property
     def pruned(self) -> int | None:
@@ -87,19 +96,26 @@ class GroupPlan:
     def to_dict(self) -> dict:
         return {"group_id": self.group_id, "keep": list(self.keep), "members": self.members,
                 "merge": _merge_to_json(self.merge), "size": self.size, "criterion": self.criterion,
-                "ratio": self.ratio, "provenance": self.provenance}
+                "ratio": self.ratio, "provenance": self.provenance,
+                **({"shift": [float(v) for v in self.shift.tolist()]} if self.shift is not None else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> GroupPlan:
+        shift = d.get("shift")
         return cls(group_id=int(d["group_id"]), keep=list(d["keep"]), members=list(d.get("members", [])),
                    merge=_merge_from_json(d.get("merge")), size=d.get("size"), criterion=d.get("criterion"),
-                   ratio=d.get("ratio"), provenance=dict(d.get("provenance") or {}))
+                   ratio=d.get("ratio"), provenance=dict(d.get("provenance") or {}),
+                   shift=None if shift is None else torch.tensor(shift, dtype=torch.float64))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GroupPlan):
             return NotImplemented
         a, b = self.to_dict(), other.to_dict()
         ma, mb = a.pop("merge"), b.pop("merge")
+        sa, sb = a.pop("shift", None), b.pop("shift", None)
+        if (sa is None) != (sb is None) or (sa is not None and not torch.equal(
+                self.shift.double(), other.shift.double())):
+            return False
         same_merge = (self.merge is None and other.merge is None) or (
             self.merge is not None and other.merge is not None and self.merge.shape == other.merge.shape
             and torch.equal(self.merge, other.merge.to(self.merge.dtype)))

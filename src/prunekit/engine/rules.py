@@ -135,6 +135,10 @@ class LayerRule:
         ``E`` (in_old × in_new) may be a sparse COO tensor."""
         raise NotImplementedError(f"{type(self).__name__} cannot absorb a merge matrix")
 
+    def shift_in(self, module: nn.Module, v: torch.Tensor) -> None:
+        """Fold a constant input offset ``v`` (in_channels,) into the bias: ``b += W · v``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot absorb an input shift")
+
     def rows(self, module: nn.Module, include_bias: bool = False) -> torch.Tensor:
         """Producer rows, shape (out_channels, F): what l1/l2/GM criteria measure."""
         raise NotImplementedError(f"{type(self).__name__} has no producer rows")
@@ -211,6 +215,11 @@ class ConvRule(LayerRule):
 
     def can_merge_in(self, m):
         return m.groups == 1
+
+    def shift_in(self, m, v):
+        _check(m.groups == 1 and m.bias is not None, m, "an input shift needs groups=1 and a bias")
+        w = m.weight.detach()
+        _set_param(m, "bias", m.bias.detach() + w.flatten(2).sum(2) @ v.to(w))
 
     def merge_in(self, m, E):
         _check(m.groups == 1, m, "merge into a grouped conv")
@@ -305,6 +314,11 @@ class LinearRule(LayerRule):
 
     def can_merge_in(self, m):
         return True
+
+    def shift_in(self, m, v):
+        _check(m.bias is not None, m, "an input shift needs a bias")
+        w = m.weight.detach()
+        _set_param(m, "bias", m.bias.detach() + w @ v.to(w))
 
     def merge_in(self, m, E):
         w = m.weight.detach()

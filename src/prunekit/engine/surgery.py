@@ -9,6 +9,9 @@ consumer reading a group with a merge matrix M (N × P) gets
 
 where ``ch(j)`` is the group channel of input index ``j`` and ``pos(j)`` its offset in the channel's
 block (flatten → Linear: each channel owns H·W consecutive features, so E = M ⊗ I_{HW}).
+A group's optional ``shift`` (an affine merge, x_n ≈ (M x_kept)_n + shift_n) is folded into each
+consumer's bias before its columns change: ``b += Σ_j W[:, j, ...] · shift(ch(j))`` (conv: summed over
+kernel taps, exact away from zero-padded borders).
 Module attributes (``out_channels``, ``in_features``, ``groups``, ``num_features``, ...) are updated, so
 the result has the same classes, is physically smaller, and ``repr`` shows the new sizes.
 """
@@ -30,8 +33,16 @@ from .rules import find_rule
 
 def _keep_masks(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict[int, torch.Tensor]]:
     """Validate ``plan`` against ``graph``; per group a bool mask over its channels, and the merges."""
+    masks, merges, _ = _keep_masks_shifts(graph, plan)
+    return masks, merges
+
+
+def _keep_masks_shifts(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict[int, torch.Tensor],
+                                                                 dict[int, torch.Tensor]]:
+    """:func:`_keep_masks` plus the groups' shifts."""
     masks = [np.ones(g.size, dtype=bool) for g in graph.groups]
     merges: dict[int, torch.Tensor] = {}
+    shifts: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     for gp in plan.groups:
         if not 0 <= gp.group_id < len(graph.groups):
@@ -61,7 +72,26 @@ def _keep_masks(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict
                 raise PlanError(f"group {g.id} ('{g.name}'): merge must be {g.size}×{len(keep)}, "
                                 f"got {tuple(gp.merge.shape)}")
             merges[g.id] = gp.merge
-    return masks, merges
+        if gp.shift is not None:
+            if not g.mergeable:
+                raise PlanError(f"group {g.id} ('{g.name}') is not mergeable (a shift is an affine merge): "
+                                f"{g.merge_reason}")
+            if gp.shift.numel() != g.size:
+                raise PlanError(f"group {g.id} ('{g.name}'): shift must have {g.size} values, got {gp.shift.numel()}")
+            shifts[g.id] = gp.shift
+    return masks, merges, shifts
+
+
+def _shift_vector(m: Member, shifts: dict[int, torch.Tensor]) -> torch.Tensor | None:
+    """Per input index of consumer member ``m``: the shift of its group channel (0 elsewhere)."""
+    touched = [gid for gid in shifts if (m.group == gid).any()]
+    if not touched:
+        return None
+    v = torch.zeros(len(m), dtype=torch.float64)
+    for gid in touched:
+        sel = np.nonzero(m.group == gid)[0]
+        v[torch.from_numpy(sel)] = shifts[gid].detach().double().cpu()[torch.from_numpy(m.channel[sel])]
+    return v
 
 
 def _member_keep(m: Member, masks: list[np.ndarray]) -> np.ndarray:
@@ -126,7 +156,7 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     step) for saving/replay. With ``verify`` the copy is run on the graph's example inputs and must
     give outputs of the same shapes, else :class:`SurgeryError`.
     """
-    masks, merges = _keep_masks(graph, plan)
+    masks, merges, shifts = _keep_masks_shifts(graph, plan)
     new = copy.deepcopy(model)
     step: dict[str, dict[str, Any]] = {}
     for m in graph.members:
@@ -139,6 +169,13 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
         if not keep.any():
             raise PlanError(f"plan removes every {m.role}-channel of module '{m.module}' ({m.kind})")
         merging = m.role == "in" and bool(np.isin(m.group, list(merges)).any())
+        shift = _shift_vector(m, shifts) if m.role == "in" else None
+        if shift is not None:  # before merge_in: the offsets are in the old input channels
+            try:
+                rule.shift_in(module, shift)
+            except NotImplementedError as e:
+                raise PlanError(f"consumer '{m.module}' ({m.kind}) cannot absorb the shift of its input "
+                                f"group: {e}") from e
         if keep.all() and not merging:
             continue
         idx = torch.from_numpy(np.nonzero(keep)[0])

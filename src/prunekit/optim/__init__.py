@@ -210,16 +210,6 @@ def create_schedule(name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
     return EpochLR(optimizer, factor, name)
 
 
-def _register_optional_optimizers() -> None:
-    """Import optimizers that live in their own module (``grda``) so they join the registry."""
-    import importlib
+from .grda import GRDA  # registers "grda"; imported last because it needs the registries above
 
-    for mod in ("grda",):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{mod}":
-                raise
-
-
-_register_optional_optimizers()
+__all__ += ["GRDA"]

@@ -1,0 +1,98 @@
+"""The ``merge`` and ``lstsq`` methods of ``prunekit prune --method NAME`` (see :mod:`prunekit.methods`).
+
+``PruneOptions`` carries the shared selection options (ratio, criterion, scope, rounding, overrides,
+ignored, include_bias, seed) and ``threshold`` (the minimum cosine to merge); method-specific ones
+come in ``options.method_options`` (CLI: ``--lam``, ``--bn-scale``, ``--preset``, ``--calibration`` or
+``--method-option KEY=VALUE``):
+
+* ``merge``: ``preset``, ``lam``, ``bn_scale`` (``exact``|``paper``), ``negative`` (``skip``|``allow``),
+  ``model_type`` (``merge``|``prune``).
+* ``lstsq``: the same selection options plus ``calibration`` (N inputs), ``ridge``, ``init``
+  (``prune``|``merge``), ``intercept``, ``calibration_seed``; ``criterion="greedy"`` picks the survivors
+  from the calibration data (forward selection) instead of a weight criterion. The calibration inputs
+  come from ``options.calibration_data`` (a dataset, a tensor, or a zero-argument callable returning
+  one; the CLI passes the training split without augmentation). Labels are never read.
+
+``include_bias=None`` means the Neuron Merging default: fully connected neurons are scored as ``[w | b]``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from ..methods import MethodResult, PruneOptions, register_method
+from .compensation import LstsqOptions, compensate
+from .core import MergeOptions, merge
+
+_MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
+_LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
+
+
+def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
+    """:class:`MergeOptions` from the CLI/registry options (unknown ``extra`` keys are errors)."""
+    extra = dict(getattr(options, "method_options", None) or {})
+    allowed = _MERGE_KEYS | _LSTSQ_KEYS  # merge ignores the lstsq-only keys (one command line for all)
+    unknown = sorted(set(extra) - allowed)
+    if unknown:
+        raise ConfigError(f"method option(s) {unknown} not understood by '{'lstsq' if lstsq else 'merge'}'; "
+                          f"known: {sorted(allowed)}")
+    include_bias = True if options.include_bias is None else bool(options.include_bias)
+    criterion = options.criterion
+    if criterion == "greedy":
+        if not lstsq:
+            raise ConfigError("criterion 'greedy' selects survivors from calibration data: use --method lstsq")
+        criterion = "l1-norm"  # only the number of survivors per group is used
+    kw: dict[str, Any] = {k: extra[k] for k in _MERGE_KEYS if k in extra and extra[k] is not None}
+    threshold = getattr(options, "threshold", None)
+    if threshold is not None:
+        try:
+            kw["threshold"] = float(threshold)
+        except (TypeError, ValueError):
+            raise ConfigError(f"merge threshold must be a number (a cosine; 0 = no threshold), got {threshold!r}"
+                              ) from None
+    return MergeOptions(ratio=options.ratio, criterion=criterion, scope=options.scope, rounding=options.rounding,
+                        overrides=dict(options.overrides) or None, ignored=tuple(options.ignored) or None,
+                        include_bias=include_bias, seed=options.seed, **kw)
+
+
+def _details(report: dict[str, Any]) -> dict[str, Any]:
+    keys = ("channels_removed", "merged", "pruned", "skipped_threshold", "skipped_sign", "skipped_invalid",
+            "negative_merged", "groups_planned", "groups_merged", "groups_pruned_only")
+    out = {k: report[k] for k in keys if k in report}
+    out["groups"] = report.get("groups", [])
+    return out
+
+
+@register_method("merge")
+def neuron_merging(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
+    """Neuron Merging: prune by the criterion, then merge each pruned neuron into its most similar kept
+    neuron wherever the engine allows a merge (the rest is pruned); see :mod:`prunekit.merging`."""
+    mo = merge_options(options)
+    result = merge(model, example_inputs, mo)
+    details = {"model_type": mo.model_type, "preset": mo.preset, "bn_scale": mo.bn_scale,
+               "threshold": mo.threshold, "lam": mo.lam, "include_bias": mo.include_bias,
+               **_details(result.report)}
+    return MethodResult(result.model, details)
+
+
+@register_method("lstsq")
+def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
+    """Data-light compensation: survivors as ``merge``/``prune`` (or ``criterion='greedy'``), consumers
+    refitted by ridge least squares on unlabeled calibration inputs, layer by layer."""
+    extra = dict(getattr(options, "method_options", None) or {})
+    mo = merge_options(options, lstsq=True)
+    data = getattr(options, "calibration_data", None)
+    if callable(data):
+        data = data()
+    if data is None:
+        raise ConfigError("method 'lstsq' needs calibration inputs: pass PruneOptions(calibration_data=dataset) "
+                          "(the CLI uses the training split of --dataset)")
+    lo = LstsqOptions(**{k: extra[k] for k in ("calibration", "ridge", "init", "intercept", "batch_size")
+                         if extra.get(k) is not None},
+                      select="greedy" if options.criterion == "greedy" else "criterion",
+                      seed=int(extra.get("calibration_seed") or 0))
+    result = compensate(model, example_inputs, data, lo, mo)
+    details = {"criterion_used": options.criterion, "preset": mo.preset, "include_bias": mo.include_bias,
+               "calibration": lo.calibration, "ridge": lo.ridge, "select": lo.select, "init": lo.init,
+               **_details(result.report)}
+    return MethodResult(result.model, details)
