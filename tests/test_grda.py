@@ -4,14 +4,11 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import runpy
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from ddp_util import run_two_ranks
 from safetensors.torch import load_file
 from torch import nn
 
@@ -357,23 +354,10 @@ if __name__ == "__main__":
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process(tmp_path):
     script = tmp_path / "ddp_grda.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(tmp_path / "ddp")],
-        check=False, capture_output=True, text=True, env=env, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(script, str(tmp_path / "ddp"))
 
     single = runpy.run_path(str(script))["run"](tmp_path / "single")
     ddp_weights = load_file(tmp_path / "ddp" / "model.safetensors")
