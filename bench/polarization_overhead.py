@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import markdown_table, median, write_section  # noqa: E402
+from common import markdown_table, median, write_section
 
-from prunekit.models import create  # noqa: E402
-from prunekit.polarization import NetworkSlimming, PolarizationRegularizer  # noqa: E402
+from prunekit.models import create
+from prunekit.polarization import NetworkSlimming, PolarizationRegularizer
 
 
 def main() -> None:
@@ -64,30 +64,32 @@ def main() -> None:
         step(regs["polarization"])
     times: dict[str, list[float]] = {k: [] for k in regs}
     alone: dict[str, list[float]] = {k: [] for k in regs if k != "none"}
-    for _ in range(args.rounds):
-        for name, reg in regs.items():
+    names = list(regs)
+    for r in range(args.rounds * args.steps):  # alternate single steps (rotating order): load drifts hit all alike
+        for name in names[r % len(names):] + names[: r % len(names)]:
             t0 = time.perf_counter()
-            for _ in range(args.steps):
-                step(reg)
-            times[name].append((time.perf_counter() - t0) / args.steps * 1e3)
-        for name in alone:
+            step(regs[name])
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    for _ in range(args.rounds):
+        for name, own_times in alone.items():
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 reg_only(regs[name])
-            alone[name].append((time.perf_counter() - t0) / args.steps * 1e3)
+            own_times.append((time.perf_counter() - t0) / args.steps * 1e3)
     base = median(times["none"])
     rows = [["no regularizer", median(times["none"]), "—", "—", "—"]]
-    for name in alone:
+    for name, own_times in alone.items():
         full = median(times[name])
-        own = median(alone[name])
+        own = median(own_times)
         rows.append([name, full, f"{100 * (full / base - 1):+.1f} %", own, f"{100 * own / base:.2f} %"])
     n = regs["polarization"].factors.numel(model)
     table = markdown_table(["regularizer", "step (ms, median)", "step vs none", "regularizer alone (ms)",
                             "alone / step"], rows)
     body = (f"ResNet-20 (option A) on 1×28×28 inputs, batch {args.batch}, SGD momentum 0.9, "
-            f"{args.threads} torch thread(s), {args.rounds} interleaved rounds × {args.steps} steps; "
+            f"{args.threads} torch thread(s), {args.rounds * args.steps} steps per variant, alternated step by step; "
             f"{n} regularized factors (preset `engine`).\n\n{table}\n\n"
-            "*step vs none* compares whole steps (noisy on a shared CPU: other jobs run at the same time); "
+            "*step vs none* compares the medians of whole steps (noisy on a shared CPU: other jobs run at the same "
+            "time); "
             "*alone* times only the regularizer's own work (penalty forward, its backward, clamp), the overhead "
             "it adds to a step. Target: ≤ 5 %.")
     print(body)

@@ -92,8 +92,14 @@ def removed_offsets(model: nn.Module, graph: ChannelGraph, plan: Plan, example_i
     if not todo:
         return []
     seen: dict[str, torch.Tensor] = {}
-    hooks = [mod.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, args[0].detach()))
-             for name, (mod, _) in todo.items()]
+
+    def capture(name: str):
+        def hook(mod, args, out) -> None:  # must return None: a returned value would replace the output
+            seen.setdefault(name, args[0].detach())
+
+        return hook
+
+    hooks = [mod.register_forward_hook(capture(name)) for name, (mod, _) in todo.items()]
     args, kwargs = as_inputs(example_inputs if example_inputs is not None else graph.example_inputs[0])
     was = model.training
     model.eval()
