@@ -85,15 +85,15 @@ def main() -> None:
     macs_factor = count_macs(dense, input_shape=(3, 224, 224)) / count_macs(small, input_shape=(3, 224, 224))
 
     body = "\n".join([
-        f"Channel ratio {args.ratio}, L1 criterion, classifier protected; median of {args.repeats} runs each, "
-        f"interleaved. Torch-Pruning {torch_pruning.__version__} (`MetaPruner` + `MagnitudeImportance(p=1)`).",
+        (f"Channel ratio {args.ratio}, L1 criterion, classifier protected; median of {args.repeats} runs each, "
+         f"interleaved. Torch-Pruning {torch_pruning.__version__} (`MetaPruner` + `MagnitudeImportance(p=1)`)."),
         "",
         markdown_table(["model", "prunekit (ms)", "Torch-Pruning (ms)", "TP / prunekit", "params dense",
                         "params prunekit", "params TP", "MACs prunekit", "MACs TP"], rows),
         "",
-        f"Pruned ResNet-50 (ratio {args.ratio}) CPU latency, batch 8, 224×224: dense {median(lat_dense):.1f} ms, "
-        f"pruned {median(lat_small):.1f} ms → **speed-up {speedup:.2f}×** for a MACs reduction factor of "
-        f"{macs_factor:.2f}× (speed-up / MACs factor = **{speedup / macs_factor:.2f}**, goal ≥ 0.9).",
+        (f"Pruned ResNet-50 (ratio {args.ratio}) CPU latency, batch 8, 224×224: dense {median(lat_dense):.1f} ms, "
+         f"pruned {median(lat_small):.1f} ms → **speed-up {speedup:.2f}×** for a MACs reduction factor of "
+         f"{macs_factor:.2f}× (speed-up / MACs factor = **{speedup / macs_factor:.2f}**, goal ≥ 0.9)."),
     ])
     write_section("engine-speed", "Engine: graph build + prune time vs Torch-Pruning, pruned latency", body)
 
