@@ -96,7 +96,7 @@ RECIPE_DEFS: dict[str, TrainRecipe] = {
     # CPU-sized Fashion-MNIST study (ours): short cosine runs, wd on every parameter as the CIFAR runs.
     "polarization-fmnist": TrainRecipe(epochs=5, batch_size=128, lr=0.1, weight_decay=5e-4, schedule="cosine",
                                        **_SGD),
-    "polarization-fmnist-finetune": TrainRecipe(epochs=2, batch_size=128, lr=0.01, weight_decay=5e-4,
+    "polarization-fmnist-finetune": TrainRecipe(epochs=3, batch_size=128, lr=0.01, weight_decay=5e-4,
                                                 schedule="cosine", **_SGD),
 }
 for _name, _recipe in RECIPE_DEFS.items():
