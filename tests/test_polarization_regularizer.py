@@ -3,13 +3,10 @@ network slimming, gates, Trainer integration, DDP."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import pytest
 import torch
+from ddp_util import run_two_ranks
 from torch import nn
 
 from prunekit import models
@@ -248,16 +245,7 @@ def test_ddp_two_ranks_apply_the_same_update(tmp_path):
 
     script = tmp_path / "ddp_pol.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(tmp_path / "ddp")],
-                          check=False, capture_output=True, text=True, env=env, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_ranks(script, str(tmp_path / "ddp"))
     single = runpy.run_path(str(script))["run"](tmp_path / "single")
     ddp = load_file(tmp_path / "ddp" / "model.safetensors")
     for k, v in single.model.state_dict().items():

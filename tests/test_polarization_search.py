@@ -123,3 +123,23 @@ def test_cli_search_reports_every_trial(tmp_path, capsys):
     for key in ("flops_reduction", "accuracy_regularized", "accuracy_pruned", "macs_reduction_per_epoch"):
         assert key in first, key
     assert (tmp_path / "lam0.02_t1.2" / "model.json").exists()
+
+
+def test_paper_study_specs_are_consistent():
+    from prunekit.data import dataset_info
+    from prunekit.models import create
+    from prunekit.polarization import PRESETS, add_gates, select_factors
+    from prunekit.polarization.recipes import PAPER_STUDIES, _paper_studies
+    from prunekit.recipes import get_recipe
+
+    specs = _paper_studies()
+    assert set(specs) == set(PAPER_STUDIES)
+    for name, spec in specs.items():
+        for r in (spec.baseline_recipe, spec.sparse_recipe, spec.finetune_recipe):
+            get_recipe(r)
+        info = dataset_info(spec.dataset)
+        model = create(spec.model, num_classes=info.num_classes)
+        if spec.gates:
+            add_gates(model)
+        assert spec.preset in PRESETS and select_factors(model, spec.preset).numel(model) > 0, name
+        assert spec.paper["macs_reduction"] > 0

@@ -7,6 +7,7 @@ Every other helper works whether or not a group exists, so library code can call
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 
 import torch
@@ -98,6 +99,14 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def cleanup() -> None:
-    """Destroy the process group if one exists."""
+    """Destroy the process group if one exists.
+
+    Collects garbage first so that DDP wrappers (reference cycles holding the group) die now, while
+    the interpreter is whole: if the group outlives ``main``, a gloo worker thread may free a tensor
+    during interpreter shutdown and abort the process ("terminate called without an active exception").
+    """
     if is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
+        gc.collect()

@@ -277,6 +277,7 @@ class Trainer:
             self._say(f"epoch {e + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}  "
                       f"train {record['train_accuracy']:.2f}%  test {record['accuracy']:.2f}%  "
                       f"lr {lr:.3g}  {record['time_s']:.1f}s")
+        self.model = self.module  # drop the DDP wrapper: it holds the process group alive
         result = self._finish()
         for cb in self.callbacks:
             hook = getattr(cb, "on_train_end", None)
