@@ -27,14 +27,7 @@ from torch import nn
 from prunekit.engine import ChannelGraph, Plan, PruneRecord, apply, make_plan, mask, replay
 from prunekit.metrics import count_macs, count_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny float64 models: one intra-op thread is ~100× faster than two contending ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 ACTS = {

@@ -37,12 +37,7 @@ except ImportError:  # pragma: no cover - io lands separately
 IMAGENET = {"resnet50", "mobilenetv2"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def zoo(name: str) -> nn.Module:

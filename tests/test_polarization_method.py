@@ -24,12 +24,7 @@ from prunekit.polarization import (
 X = torch.zeros(1, 1, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def polarized_resnet(seed: int = 0) -> nn.Module:

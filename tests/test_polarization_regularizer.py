@@ -25,13 +25,7 @@ from prunekit.polarization import (
 )
 from prunekit.regularizers import create_regularizer, list_regularizers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TwoBN(nn.Module):

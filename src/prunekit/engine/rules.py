@@ -152,7 +152,47 @@ class LayerRule:
 # producers / consumers
 
 
-class ConvRule(LayerRule):
+class WeightRule(LayerRule):
+    """Layers with one ``weight`` whose output units lie on dim ``OUT_DIM`` and input units on ``IN_DIM``,
+    plus an optional per-output ``bias``; their sizes live in the attributes ``OUT_ATTR`` / ``IN_ATTR``."""
+
+    OUT_DIM, IN_DIM = 0, 1
+    OUT_ATTR, IN_ATTR = "out_channels", "in_channels"
+
+    def prune(self, m, role, idx):
+        if role == "out":
+            _slice(m, ("weight",), self.OUT_DIM, idx)
+            _slice(m, ("bias",), 0, idx)
+            setattr(m, self.OUT_ATTR, len(idx))
+        elif role == "in":
+            _slice(m, ("weight",), self.IN_DIM, idx)
+            setattr(m, self.IN_ATTR, len(idx))
+        else:
+            super().prune(m, role, idx)
+
+    def size(self, m, role):
+        return {"out": getattr(m, self.OUT_ATTR), "in": getattr(m, self.IN_ATTR)}.get(role)
+
+    def zero(self, m, role, idx):
+        if role == "out":
+            _zero(m, ("weight",), self.OUT_DIM, idx)
+            _zero(m, ("bias",), 0, idx)
+
+    def shift_in(self, m, v):
+        """Fold a constant input offset ``v`` (I,) into the bias: b += Σ_k W[:, :, k] · v."""
+        _check(getattr(m, "groups", 1) == 1 and m.bias is not None, m, "an input shift needs groups=1 and a bias")
+        w = m.weight.detach().movedim(self.OUT_DIM, 0)
+        _set_param(m, "bias", m.bias.detach() + w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ v.to(w))
+
+    def rows(self, m, include_bias=False):
+        """One row per output unit: (O, I·k), or (O, I·k + 1) with the bias appended."""
+        w = m.weight.detach().movedim(self.OUT_DIM, 0).flatten(1)
+        if include_bias and m.bias is not None:
+            w = torch.cat([w, m.bias.detach()[:, None]], 1)
+        return w
+
+
+class ConvRule(WeightRule):
     """``nn.Conv1d/2d/3d``: weight (O, I/g, *k), input channel dim 1.
 
     * ``groups == 1``: input channels are consumed (role "in"), O fresh output channels are produced.
@@ -189,8 +229,7 @@ class ConvRule(LayerRule):
         n = len(idx)
         if role == "out":
             _check(n % m.groups == 0 or m.in_channels // m.groups == 1, m, "output keep not divisible by groups")
-            _slice(m, ("weight", "bias"), 0, idx)
-            m.out_channels = n
+            super().prune(m, role, idx)
         elif role == "in":
             g, ig = m.groups, m.in_channels // m.groups
             if g == 1:
@@ -206,20 +245,8 @@ class ConvRule(LayerRule):
         else:
             super().prune(m, role, idx)
 
-    def size(self, m, role):
-        return {"out": m.out_channels, "in": m.in_channels}.get(role)
-
-    def zero(self, m, role, idx):
-        if role == "out":
-            _zero(m, ("weight", "bias"), 0, idx)
-
     def can_merge_in(self, m):
         return m.groups == 1
-
-    def shift_in(self, m, v):
-        _check(m.groups == 1 and m.bias is not None, m, "an input shift needs groups=1 and a bias")
-        w = m.weight.detach()
-        _set_param(m, "bias", m.bias.detach() + w.flatten(2).sum(2) @ v.to(w))
 
     def merge_in(self, m, E):
         _check(m.groups == 1, m, "merge into a grouped conv")
@@ -228,16 +255,15 @@ class ConvRule(LayerRule):
         _set_param(m, "weight", w)
         m.in_channels = E.shape[1]
 
-    def rows(self, m, include_bias=False):
-        w = m.weight.detach().flatten(1)
-        if include_bias and m.bias is not None:
-            w = torch.cat([w, m.bias.detach()[:, None]], 1)
-        return w
 
-
-class ConvTransposeRule(LayerRule):
+class ConvTransposeRule(WeightRule):
     """``nn.ConvTranspose1d/2d/3d`` with ``groups == 1``: weight (I, O, *k). Grouped transposed convs
     are not pruned (their channels are protected)."""
+
+    OUT_DIM, IN_DIM = 1, 0
+
+    def shift_in(self, m, v):
+        raise NotImplementedError("a transposed conv's output sums a varying number of taps per position")
 
     def trace(self, ctx, name, module, inputs, out_shape):
         x = inputs[0]
@@ -251,25 +277,6 @@ class ConvTransposeRule(LayerRule):
         ctx.consume(name, kind, chan)
         return ctx.produce(name, kind, module.out_channels, dim=1, ndim=len(out_shape))
 
-    def prune(self, m, role, idx):
-        if role == "out":
-            _slice(m, ("weight",), 1, idx)
-            _slice(m, ("bias",), 0, idx)
-            m.out_channels = len(idx)
-        elif role == "in":
-            _slice(m, ("weight",), 0, idx)
-            m.in_channels = len(idx)
-        else:
-            super().prune(m, role, idx)
-
-    def size(self, m, role):
-        return {"out": m.out_channels, "in": m.in_channels}.get(role)
-
-    def zero(self, m, role, idx):
-        if role == "out":
-            _zero(m, ("weight",), 1, idx)
-            _zero(m, ("bias",), 0, idx)
-
     def can_merge_in(self, m):
         return m.groups == 1
 
@@ -278,15 +285,11 @@ class ConvTransposeRule(LayerRule):
         _set_param(m, "weight", torch.einsum("i...,ij->j...", m.weight.detach(), E))
         m.in_channels = E.shape[1]
 
-    def rows(self, m, include_bias=False):
-        w = m.weight.detach().transpose(0, 1).flatten(1)
-        if include_bias and m.bias is not None:
-            w = torch.cat([w, m.bias.detach()[:, None]], 1)
-        return w
 
-
-class LinearRule(LayerRule):
+class LinearRule(WeightRule):
     """``nn.Linear``: weight (O, I) acting on the last dim."""
+
+    OUT_ATTR, IN_ATTR = "out_features", "in_features"
 
     def trace(self, ctx, name, module, inputs, out_shape):
         x = inputs[0]
@@ -295,30 +298,8 @@ class LinearRule(LayerRule):
         ctx.consume(name, kind, chan)
         return ctx.produce(name, kind, module.out_features, dim=len(out_shape) - 1, ndim=len(out_shape))
 
-    def prune(self, m, role, idx):
-        if role == "out":
-            _slice(m, ("weight", "bias"), 0, idx)
-            m.out_features = len(idx)
-        elif role == "in":
-            _slice(m, ("weight",), 1, idx)
-            m.in_features = len(idx)
-        else:
-            super().prune(m, role, idx)
-
-    def size(self, m, role):
-        return {"out": m.out_features, "in": m.in_features}.get(role)
-
-    def zero(self, m, role, idx):
-        if role == "out":
-            _zero(m, ("weight", "bias"), 0, idx)
-
     def can_merge_in(self, m):
         return True
-
-    def shift_in(self, m, v):
-        _check(m.bias is not None, m, "an input shift needs a bias")
-        w = m.weight.detach()
-        _set_param(m, "bias", m.bias.detach() + w @ v.to(w))
 
     def merge_in(self, m, E):
         w = m.weight.detach()
@@ -328,12 +309,6 @@ class LinearRule(LayerRule):
             new = w @ E.to(w)
         _set_param(m, "weight", new)
         m.in_features = E.shape[1]
-
-    def rows(self, m, include_bias=False):
-        w = m.weight.detach()
-        if include_bias and m.bias is not None:
-            w = torch.cat([w, m.bias.detach()[:, None]], 1)
-        return w
 
 
 class EmbeddingRule(LayerRule):
