@@ -10,6 +10,7 @@ uninterrupted run see the same samples in the same batches.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -150,24 +151,12 @@ class Loader:
                 f"rank={self.rank}/{self.world_size}, epoch={self.epoch}, batches={len(self)})")
 
 
-def make_loader(
-    dataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int = 0,
-    drop_last: bool = False,
-    rank: int | None = None,
-    world_size: int | None = None,
-    num_workers: int = 0,
-    pad: bool | None = None,
-    pin_memory: bool = False,
-) -> Loader:
-    """Build a :class:`Loader` (see its docs and :func:`shard_indices` for the exact semantics).
+def make_loader(dataset, batch_size: int, **options: Any) -> Loader:
+    """Build a :class:`Loader`; ``options`` are its keyword arguments (``shuffle`` is required; see its
+    docs and :func:`shard_indices` for the exact semantics).
 
     ``rank``/``world_size`` default to torch.distributed's when it is initialised, else 0/1.
     ``pad`` defaults to ``shuffle``: training shards are padded to equal length like
     DistributedSampler; evaluation (shuffle=False) shards are uneven so each sample counts once.
     """
-    return Loader(dataset, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last, rank=rank,
-                  world_size=world_size, num_workers=num_workers, pad=pad, pin_memory=pin_memory)
+    return Loader(dataset, batch_size, **options)

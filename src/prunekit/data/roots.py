@@ -79,6 +79,15 @@ class Layout:
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 _MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
 
+_IDX_DESCRIBE = ("IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
+                 "t10k-labels-idx1-ubyte (each optionally .gz)")
+
+
+def _idx_sources(url: str, md5s: tuple[str, str, str, str]) -> tuple[Source, ...]:
+    """The four gzipped IDX files under ``url``, with their md5 sums in :func:`_idx_files` order."""
+    return tuple(Source(f"{url}{f}.gz", f"{f}.gz", md5) for f, md5 in zip(_idx_files(), md5s, strict=True))
+
+
 # Mutable on purpose: tests (and users with a mirror) may point sources elsewhere.
 LAYOUTS: dict[str, Layout] = {
     "fashion-mnist": Layout(
@@ -86,35 +95,17 @@ LAYOUTS: dict[str, Layout] = {
         aliases=("fashion_mnist", "FashionMNIST/raw", "FashionMNIST"),
         system=("/usr/share/datasets/fashion-mnist",),
         apt_package="dataset-fashion-mnist",
-        sources=(
-            Source(_FMNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-                   "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
-            Source(_FMNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                   "25c81989df183df01b3e8a0aad5dffbe"),
-            Source(_FMNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                   "bef4ecab320f06d8554ea6380940ec79"),
-            Source(_FMNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                   "bb300cfdad3c16e7a12a480ee83cd310"),
-        ),
-        describe="IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                 "t10k-labels-idx1-ubyte (each optionally .gz)",
+        sources=_idx_sources(_FMNIST_URL, ("8d4fb7e6c68d591d4c3dfef9ec88bf0d", "25c81989df183df01b3e8a0aad5dffbe",
+                                           "bef4ecab320f06d8554ea6380940ec79", "bb300cfdad3c16e7a12a480ee83cd310")),
+        describe=_IDX_DESCRIBE,
     ),
     "mnist": Layout(
         files=_idx_files(), gz_ok=True,
         aliases=("MNIST/raw", "MNIST"),
         system=("/usr/share/datasets/mnist",),
-        sources=(
-            Source(_MNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz",
-                   "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            Source(_MNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                   "d53e105ee54ea40749a09fcbcd1e9432"),
-            Source(_MNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz",
-                   "9fb629c4189551a2d022fa330f9573f3"),
-            Source(_MNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                   "ec29112dd5afa0611ce80d1b7f02629c"),
-        ),
-        describe="IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, "
-                 "t10k-labels-idx1-ubyte (each optionally .gz)",
+        sources=_idx_sources(_MNIST_URL, ("f68b3c2dcbeaaa9fbdd348bbdeb94873", "d53e105ee54ea40749a09fcbcd1e9432",
+                                          "9fb629c4189551a2d022fa330f9573f3", "ec29112dd5afa0611ce80d1b7f02629c")),
+        describe=_IDX_DESCRIBE,
     ),
     "cifar10": Layout(
         files=tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",),
