@@ -23,6 +23,8 @@ demo: $(VENV)/.core
 	$(BIN)/prunekit data fetch fashion-mnist
 	$(BIN)/prunekit train --model lenet-300-100 --dataset fashion-mnist --recipe lenet \
 		--seed 0 --out $(RUNS)/demo-lenet300 --resume
+	$(BIN)/prunekit prune --checkpoint $(RUNS)/demo-lenet300 --dataset fashion-mnist \
+		--method merge --ratio 0.5 --out $(RUNS)/demo-lenet300-merge50
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q
