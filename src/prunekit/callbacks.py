@@ -9,11 +9,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 
 from .metrics import sparsity
 
-__all__ = ["SparsityLogger"]
+__all__ = ["NormRatioLogger", "SparsityLogger", "norm_ratio"]
 
 
 class SparsityLogger:
@@ -64,3 +65,35 @@ class SparsityLogger:
             tau = f"  τ {record['grda_threshold']:.4g}" if "grda_threshold" in record else ""
             say(f"epoch {epoch + 1}  sparsity {100 * record['sparsity']:.2f}% (all params), "
                 f"{100 * record['weight_sparsity']:.2f}% (conv/linear weights){tau}")
+
+
+def norm_ratio(model: nn.Module) -> float:
+    """‖w‖₂ / ‖w‖₁ over every parameter of ``model`` flattened into one vector w (buffers excluded).
+
+    Between d^{-1/2} (all |w_j| equal) and 1 (one non-zero entry); it rises when the mass of w
+    concentrates on fewer coordinates, which is how the gRDA paper shows sparsification (Fig. 2,
+    ``spec/grda.md`` §3.7). Computed in float64.
+    """
+    l1 = torch.zeros((), dtype=torch.float64)
+    l2sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        w = p.detach().to(device="cpu", dtype=torch.float64)
+        l1 += w.abs().sum()
+        l2sq += w.square().sum()
+    return float(l2sq.sqrt() / l1) if l1 > 0 else 0.0
+
+
+class NormRatioLogger:
+    """Add ``norm_ratio`` = ‖w‖₂/‖w‖₁ over all parameters (see :func:`norm_ratio`) to every epoch record.
+
+    ``initial``: a model (the untrained one) whose ratio is stored as :attr:`initial_ratio` and logged
+    once as ``norm_ratio_initial`` in the first epoch's record, so the curve starts before training.
+    """
+
+    def __init__(self, initial: nn.Module | None = None):
+        self.initial_ratio = norm_ratio(initial) if initial is not None else None
+
+    def on_epoch_end(self, trainer, epoch: int, record: dict[str, Any]) -> None:
+        record["norm_ratio"] = norm_ratio(trainer.module)
+        if epoch == 0 and self.initial_ratio is not None:
+            record["norm_ratio_initial"] = self.initial_ratio

@@ -260,6 +260,9 @@ def cmd_prune(args: argparse.Namespace) -> Report:
               "params_reduction": 1 - after["params"] / before["params"],
               "macs_reduction": 1 - after["macs"] / before["macs"],
               "latency_batch": args.latency_batch, **result.details}
+    if args.evidence_samples:  # before any fine-tuning: what the pruning itself preserved
+        report["preservation"] = _preservation(model, result.model, test_set, args.evidence_samples,
+                                               args.batch_size, device)
     if args.finetune_epochs:
         ft = _finetune(args, result.model, (info.get("arch") or {}).get("name") or args.model, test_set, device)
         report.update({"accuracy_finetuned": round(ft.accuracy, 4), "finetune_epochs": ft.epochs,
@@ -271,8 +274,11 @@ def cmd_prune(args: argparse.Namespace) -> Report:
                                                                          "dataset", "accuracy")}}))
     def render() -> None:
         _print_table(f"{args.method} {args.checkpoint} (ratio {args.ratio}, {args.criterion})",
-                     {k: v for k, v in report.items() if k != "groups"})
-        for g in report.get("groups") or []:  # per-group report of merge/lstsq
+                     {k: v for k, v in report.items() if k not in ("groups", "preservation")})
+        if "preservation" in report:
+            _print_preservation(report["preservation"])
+        groups = report.get("groups")  # per-group report of merge/lstsq (plain prune: just a count)
+        for g in groups if isinstance(groups, list) else []:
             print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in g.items()))
 
     return report, render
@@ -296,6 +302,112 @@ def _finetune(args: argparse.Namespace, model, arch: str | None, test_set, devic
     out = Path(args.out) / "finetune" if args.out else None
     return train(model, train_set, test_set, recipe, out_dir=out, seed=args.seed, device=device,
                  progress=not args.json, metadata={"dataset": args.dataset, "stage": "finetune"})
+
+
+def _preservation(original, other, dataset, samples: int, batch_size: int, device: str) -> dict[str, Any]:
+    """Feature-map preservation of ``other`` w.r.t. ``original`` on the first ``samples`` inputs."""
+    from .evidence import feature_preservation
+
+    if samples < 1:
+        raise PrunekitError(f"the number of evidence samples must be >= 1 (0 disables it), got {samples}")
+    return feature_preservation(original, other, dataset, max_samples=samples, batch_size=batch_size,
+                                device=device)
+
+
+def _print_preservation(p: dict[str, Any]) -> None:
+    _print_table(f"feature preservation on {p['samples']:,} inputs (reference vs compared model)",
+                 {k: p[k] for k in ("output_relative_l2", "ware", "agreement", "kl", "layers_skipped")})
+    for layer in p["layers"]:
+        print(f"    {layer['name']:<32} relative L2 {layer['relative_l2']:.4g}")
+
+
+def _load_any(path: str, args: argparse.Namespace):
+    """A prunekit model directory (structure from its JSON) or a legacy ``.pth`` file (needs ``--model``)."""
+    from .io import load_model
+
+    p = Path(path)
+    if p.is_file() and p.suffix not in (".json", ".safetensors"):
+        if not args.model:
+            raise PrunekitError(f"{path} is a legacy checkpoint: pass --model ARCH (e.g. lenet-300-100)")
+        cfg = _model_config_for(args.dataset, _key_values(args.model_config, "--model-config"))
+        return load_model(p, model_name=args.model, model_config=cfg)[0]
+    return load_model(p)[0]
+
+
+@command("compare")
+def cmd_compare(args: argparse.Namespace) -> Report:
+    """Accuracy of two checkpoints and how well B preserves A's features and outputs on the same inputs."""
+    from torch.utils.data import Subset
+
+    from .data import get_dataset, make_loader
+    from .metrics import evaluate
+
+    test_set = get_dataset(args.dataset, "test", root=args.data_root)
+    samples = len(test_set) if args.samples is None else args.samples
+    if samples < 1:
+        raise PrunekitError(f"--samples must be >= 1, got {samples}")
+    samples = min(samples, len(test_set))
+    model_a, model_b = _load_any(args.a, args), _load_any(args.b, args)
+    device = _device(args.device)
+    subset = test_set if samples == len(test_set) else Subset(test_set, range(samples))
+    loader = make_loader(subset, args.batch_size, shuffle=False)
+    accuracy = [round(evaluate(m, loader, device=device)["accuracy"], 4) for m in (model_a, model_b)]
+    report = {"kind": "compare", "a": str(args.a), "b": str(args.b), "dataset": args.dataset,
+              "accuracy_a": accuracy[0], "accuracy_b": accuracy[1],
+              **_preservation(model_a, model_b, test_set, samples, args.batch_size, device)}
+
+    def render() -> None:
+        _print_table(f"compare {args.a} (A, reference) with {args.b} (B) on {args.dataset}",
+                     {"accuracy_a": accuracy[0], "accuracy_b": accuracy[1]})
+        _print_preservation(report)
+
+    return report, render
+
+
+@command("sparsify")
+def cmd_sparsify(args: argparse.Namespace) -> Report:
+    """Export a model with exact zeros (gRDA): remove dead channels, store the rest sparse, time kernels."""
+    import torch
+
+    from .errors import CheckpointError, ConfigError
+    from .io import load_model
+    from .sparse import export
+
+    path = Path(args.checkpoint)
+    if not (path.exists() or Path(f"{path}.json").exists()):
+        raise CheckpointError(f"{path}: no such checkpoint (give a run directory holding model.safetensors + "
+                              "model.json, either file of the pair, or a legacy .pt/.pth with --model)")
+    extra = _key_values(args.model_config, "--model-config")
+    model_config = (_model_config_for(args.dataset, extra) if args.dataset else extra) if args.model else None
+    model, _info = load_model(path, model_name=args.model, model_config=model_config)
+    loader = None
+    if args.dataset:
+        from .data import dataset_info, get_dataset, make_loader
+
+        input_shape = tuple(dataset_info(args.dataset).input_shape)
+        loader = make_loader(get_dataset(args.dataset, "test", root=args.data_root), args.batch_size, shuffle=False)
+    elif getattr(model, "input_shape", None) is not None:
+        input_shape = tuple(model.input_shape)
+    else:
+        raise ConfigError("the model records no input_shape: pass --dataset")
+    torch.set_num_threads(args.threads)
+    report = {"checkpoint": str(path), "threads": args.threads, **export(
+        model.cpu(), Path(args.out), input_shape=input_shape, batch_sizes=args.latency_batch or (1, 32, 256),
+        runs=args.latency_runs, loader=loader, metadata={"sparsified_from": str(path)}, seed=args.seed)}
+    if report.get("note") and not args.json:
+        print(f"prunekit sparsify: note: {report['note']}", file=sys.stderr)
+
+    def render() -> None:
+        _print_table(f"sparsified {path} → {args.out}", {k: v for k, v in report.items() if not isinstance(v, dict)})
+        for name, g in report["removed_channels"].items():
+            print(f"  removed from {name}: {g['removed']}/{g['size']} channels "
+                  f"({g['constant']} constant, {g['unused']} unused)")
+        print(f"  {'batch':>6} {'original ms':>12} {'dense ms':>10} {'sparse ms':>10}  sparse layers")
+        for b, dense in report["latency_dense_ms"].items():
+            print(f"  {b:>6} {report['latency_original_ms'][b]:>12.4f} {dense:>10.4f} "
+                  f"{report['latency_sparse_ms'][b]:>10.4f}  {', '.join(report['sparse_layers'][b]) or '-'}")
+
+    return report, render
 
 
 @command("search")
@@ -335,6 +447,72 @@ def cmd_search(args: argparse.Namespace) -> Report:
                   f"{t.extra.get('accuracy_pruned', float('nan')):>10.2f}")
         state = "converged" if result.converged else "not converged"
         print(f"→ λ={result.lam:.4g}, t={result.t:.3g}: {100 * result.flops_reduction:.1f}% ({state}: {result.reason})")
+
+    return report, render
+
+
+@command("report")
+def cmd_report(args: argparse.Namespace) -> Report:
+    """Collect result JSON files into one markdown page with tables and PNG plots."""
+    import shlex
+
+    from .report.markdown import write_report
+
+    argv = [*args.results, "--out", args.out] + (["--no-plots"] if args.no_plots else [])
+    summary = write_report(args.results, args.out, command=shlex.join(["prunekit", "report", *argv]),
+                           draw=not args.no_plots)
+    report = {"out": str(summary.out), "results": summary.results, "sections": summary.sections,
+              "plots": [str(p) for p in summary.plots],
+              "skipped": [{"path": p, "reason": why} for p, why in summary.skipped]}
+
+    def render() -> None:
+        print(f"wrote {summary.out}: {summary.results} results, {len(summary.plots)} plots, "
+              f"{len(summary.skipped)} skipped")
+        for title in summary.sections:
+            print(f"  ## {title}")
+
+    return report, render
+
+
+@command("analyze")
+def cmd_analyze(args: argparse.Namespace) -> Report:
+    """``analyze direction``: gRDA's directional-pruning diagnostics for two solutions (see evidence.direction)."""
+    from .data import get_dataset, make_loader
+    from .evidence.direction import DirectionOptions, analyze_direction, norm_ratio_from_log
+    from .io import load_model
+
+    model_config = _model_config_for(args.dataset, _key_values(args.model_config, "--model-config")) \
+        if args.model else None
+    models = {name: load_model(path, model_name=args.model, model_config=model_config)[0]
+              for name, path in (("sgd", args.sgd), ("grda", args.grda))}
+    options = DirectionOptions(points=args.points, top_k=args.top_k, samples=args.samples,
+                               lanczos_iters=args.lanczos_iters, random_draws=args.random_draws,
+                               bezier_epochs=args.bezier_epochs, bezier_lr=args.bezier_lr, seed=args.seed,
+                               device=_device(args.device))
+    options.check()
+    train_set = get_dataset(args.dataset, "train", root=args.data_root, augment=False)
+    test_loader = make_loader(get_dataset(args.dataset, "test", root=args.data_root), 500, shuffle=False)
+    log = None if args.json else (lambda line: print(line, file=sys.stderr, flush=True))
+    result = analyze_direction(models["sgd"], models["grda"], train_set, test_loader, options, log=log,
+                               norm_ratio_logs={"sgd": norm_ratio_from_log(args.sgd),
+                                                "grda": norm_ratio_from_log(args.grda)})
+    report = {**result.to_dict(), "sgd": str(args.sgd), "grda": str(args.grda), "dataset": args.dataset}
+
+    def render() -> None:
+        path = report["path"]
+        print(f"direction {args.sgd} (α=0) → {args.grda} (α=1) on {args.dataset}: ‖B−A‖ = {report['distance']:.4g}")
+        for name in ("path", "bezier"):
+            if report[name]:
+                print(f"  {name:<6} α:          " + " ".join(f"{a:7.3f}" for a in report[name]["alpha"]))
+                print(f"  {name:<6} train loss: " + " ".join(f"{v:7.4f}" for v in report[name]["train_loss"]))
+                print(f"  {name:<6} test acc %: " + " ".join(f"{v:7.2f}" for v in report[name]["test_accuracy"]))
+        print(f"  loss barrier on the line: {report['barrier']['path']:.4g} (train loss at ends "
+              f"{path['train_loss'][0]:.4g} / {path['train_loss'][-1]:.4g})")
+        print(f"  top-{report['top_k']} Hessian eigenvalues at A: " + ", ".join(f"{v:.4g}" for v in report["eigenvalues"]))
+        print(f"  projection fraction of B−A on them: {report['projection_fraction']:.4g} (random direction "
+              f"{report['random_projection_fraction']:.4g} ± {report['random_projection_fraction_sd']:.2g}; "
+              f"√(k/d) = {report['expected_random_fraction']:.4g})")
+        print(f"  ‖w‖₂/‖w‖₁ final: A {report['norm_ratio_final']['sgd']:.4g}, B {report['norm_ratio_final']['grda']:.4g}")
 
     return report, render
 
@@ -452,6 +630,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--latency-batch", type=int, default=8, help="batch size of the latency measurement")
     p.add_argument("--latency-runs", type=int, default=30)
+    p.add_argument("--evidence-samples", type=int, default=1000,
+                   help="first N test inputs for the feature-preservation report (0 disables)")
     p.add_argument("--out", default=None, help="directory for the pruned model (safetensors + JSON record)")
 
     p = add("search", "Polarization Algorithm 1: find (λ, t) for a FLOPs-reduction target with short trainings")
@@ -472,6 +652,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reg-bn-init", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for the trials' runs (reused when present)")
+
+    p = add("report", "collect result JSON (train/prune/reproduce/compare/analyze) into a markdown page with plots")
+    p.add_argument("results", nargs="+", metavar="RESULTS", help="JSON files or directories (searched for *.json)")
+    p.add_argument("--out", required=True, help="markdown file, e.g. docs/results.md (plots go to docs/results/)")
+    p.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+
+    p = add("analyze", "diagnostics of trained models: `analyze direction` (gRDA vs SGD: paths, Hessian, norms)")
+    p.add_argument("kind", choices=["direction"])
+    p.add_argument("--sgd", required=True, help="checkpoint A (α = 0; the Hessian is taken here): run dir or file")
+    p.add_argument("--grda", required=True, help="checkpoint B (α = 1): run dir or file")
+    p.add_argument("--model", default=None, help="architecture; required for legacy .pt/.pth checkpoints")
+    data_args(p)
+    p.add_argument("--points", type=int, default=21, help="points on the path, α = 0 ... 1")
+    p.add_argument("--top-k", type=int, default=10, help="Hessian eigenpairs (Lanczos)")
+    p.add_argument("--samples", type=int, default=2000, help="fixed training subset for loss, Hessian, BN stats")
+    p.add_argument("--lanczos-iters", type=int, default=None, help="Lanczos iterations (default max(2k, k+30))")
+    p.add_argument("--random-draws", type=int, default=10, help="random directions for the reference fraction")
+    p.add_argument("--bezier-epochs", type=int, default=0, help="train a quadratic Bézier path for E epochs (0: none)")
+    p.add_argument("--bezier-lr", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = add("compare", "accuracy of two checkpoints and how well B preserves A's features (rel. L2, WARE, "
+                       "agreement, KL)")
+    p.add_argument("a", help="reference checkpoint (e.g. the original model)")
+    p.add_argument("b", help="compared checkpoint (e.g. its pruned or merged version)")
+    p.add_argument("--model", default=None, help="architecture of legacy .pth checkpoints")
+    data_args(p)
+    p.add_argument("--samples", type=int, default=None, help="first N test inputs (default: all)")
+    p.add_argument("--batch-size", type=int, default=256)
+
+    p = add("sparsify", "export a model with exact zeros (gRDA): drop dead channels, sparse file, sparse kernels")
+    p.add_argument("--checkpoint", required=True, help="run directory or model.safetensors/.json (legacy: --model)")
+    p.add_argument("--out", required=True, help="directory for model.{safetensors,json} and sparse.{safetensors,json}")
+    p.add_argument("--model", default=None, help="architecture; required for legacy .pt/.pth checkpoints")
+    p.add_argument("--model-config", action="append", metavar="KEY=VALUE", help="model constructor option")
+    p.add_argument("--dataset", default=None, help="also report test accuracy before/after (and the input shape)")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--batch-size", type=int, default=256, help="evaluation batch size")
+    p.add_argument("--latency-batch", type=int, action="append", help="batch size to time (repeatable; "
+                   "default 1, 32, 256)")
+    p.add_argument("--latency-runs", type=int, default=20, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads while timing (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random probe inputs")
 
     p = add("reproduce", "run a paper study in one command (`prunekit reproduce list` shows them)")
     p.add_argument("name")

@@ -319,6 +319,9 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
     (run.out / "factors.json").write_text(json.dumps(factors))
     png = plot_histograms(factors, run.out / "histogram.png", f"{title}: scaling factors after training")
     report["histogram"] = str(png) if png else None
+    from ..report.histogram import magnitude_histogram  # compact γ histograms for `prunekit report`
+
+    report["factor_histogram"] = {name: magnitude_histogram(v) for name, v in factors.items()}
     report["seconds"] = run.seconds
     if spec.paper:
         report["paper"] = spec.paper
