@@ -1,7 +1,7 @@
 """`prunekit sparsify` on gRDA-trained LeNet-300-100 (Fashion-MNIST): what exact zeros buy on disk and on CPU.
 
 For each (c, mu) checkpoint in runs/bench-grda-lenet (written by bench/grda_lenet.py; trained here with the
-`grda-lenet` recipe when the c=0.005, mu=0.55 one is absent) the model is exported with
+`grda-lenet` recipe when the first setting is absent) the model is exported with
 `prunekit.sparse.export`: dead neurons removed through the engine, the rest stored as bitmask/CSR safetensors,
 CSR Linear kernels timed against dense ones (median of --runs forward passes, 1 thread) at batch 1, 32, 256.
 
@@ -17,25 +17,25 @@ import torch
 from common import ROOT, markdown_table, write_section
 
 from prunekit.data import get_dataset, make_loader
+from prunekit.io import load_model
 from prunekit.models import create
 from prunekit.recipes import get_recipe
 from prunekit.sparse import export
 from prunekit.train import seed_everything, train
 
-RUNS = ROOT / "runs" / "bench-grda-lenet"
-SETTINGS = [(0.005, 0.55), (0.005, 0.7)]
+RUNS = ROOT / "runs" / "bench-grda-lenet"  # the runs of bench/grda_lenet.py (one folder per run)
+SETTINGS = [(0.004, 0.58), (0.005, 0.55), (0.005, 0.7)]
 
 
 def checkpoint(c: float, mu: float, train_missing: bool) -> Path | None:
-    path = RUNS / f"grda_c_{c}_mu_{mu}_epochs_30_seed_0.pt"
-    if path.exists() or not train_missing:
-        return path if path.exists() else None
+    """``RUNS/grda_c_{c}_mu_{mu}_epochs_30_seed_0`` (model.safetensors + model.json); trained when missing."""
+    path = RUNS / f"grda_c_{c}_mu_{mu}_epochs_30_seed_0"
+    if (path / "model.json").exists() or not train_missing:
+        return path if (path / "model.json").exists() else None
     seed_everything(0)
     recipe = get_recipe("grda-lenet").replace(optimizer_kwargs={"c": c, "mu": mu})
-    res = train(create("lenet-300-100"), get_dataset("fashion-mnist", "train"), get_dataset("fashion-mnist", "test"),
-                recipe, seed=0, progress=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(res.model.state_dict(), path)
+    train(create("lenet-300-100"), get_dataset("fashion-mnist", "train"), get_dataset("fashion-mnist", "test"),
+          recipe, seed=0, out_dir=path, progress=False)
     return path
 
 
@@ -53,8 +53,7 @@ def main() -> None:
         if path is None:
             print(f"c={c} mu={mu}: no checkpoint, skipped", flush=True)
             continue
-        model = create("lenet-300-100")
-        model.load_state_dict(torch.load(path, weights_only=True))
+        model, _ = load_model(path)
         rep = export(model, args.out / f"c{c}_mu{mu}", input_shape=(1, 28, 28), batch_sizes=(1, 32, 256),
                      runs=args.runs, loader=loader, metadata={"sparsified_from": str(path.relative_to(ROOT))})
         reports[f"c={c}, mu={mu}"] = rep
