@@ -39,12 +39,14 @@ def time_prunekit(model, x, ratio):
 def time_torch_pruning(model, x, ratio):
     import torch_pruning as tp
 
-    model = copy.deepcopy(model)
     start = time.perf_counter()
+    model = copy.deepcopy(model)  # prunekit.prune leaves the original intact; TP prunes in place
+    copied = time.perf_counter()
     pruner = tp.pruner.MetaPruner(model, x, importance=tp.importance.MagnitudeImportance(p=1),
                                   pruning_ratio=ratio, ignored_layers=[classifier_of(model)])
     pruner.step()
-    return time.perf_counter() - start, model
+    end = time.perf_counter()
+    return end - copied, end - start, model
 
 
 def main() -> None:
@@ -63,13 +65,15 @@ def main() -> None:
     for name, shape in MODELS.items():
         model = create(name).eval()
         x = torch.randn(1, *shape)
-        ours, theirs = [], []
+        ours, theirs, theirs_copy = [], [], []
         for _ in range(args.repeats):  # interleaved so both see the same machine state
             t, pk = time_prunekit(model, x, args.ratio)
             ours.append(t)
-            t, tpm = time_torch_pruning(model, x, args.ratio)
+            t, t_copy, tpm = time_torch_pruning(model, x, args.ratio)
             theirs.append(t)
+            theirs_copy.append(t_copy)
         rows.append([name, median(ours) * 1e3, median(theirs) * 1e3, median(theirs) / median(ours),
+                     median(theirs_copy) * 1e3, median(theirs_copy) / median(ours),
                      count_params(model), count_params(pk), count_params(tpm),
                      count_macs(pk, input_shape=shape), count_macs(tpm, input_shape=shape)])
         print(rows[-1], flush=True)
@@ -82,18 +86,37 @@ def main() -> None:
         lat_dense.append(measure_latency(dense, batch, warmup=2, runs=args.latency_runs).median_ms)
         lat_small.append(measure_latency(small, batch, warmup=2, runs=args.latency_runs).median_ms)
     speedup = median(lat_dense) / median(lat_small)
+    # deployment variant: BatchNorm folded into the convolutions of both models (torch.fx's fuse)
+    from torch.fx.experimental.optimization import fuse
+
+    fused_dense, fused_small = fuse(dense), fuse(small)
+    lat_fd, lat_fs = [], []
+    for _ in range(3):
+        lat_fd.append(measure_latency(fused_dense, batch, warmup=2, runs=args.latency_runs).median_ms)
+        lat_fs.append(measure_latency(fused_small, batch, warmup=2, runs=args.latency_runs).median_ms)
+    speedup_fused = median(lat_fd) / median(lat_fs)
     macs_factor = count_macs(dense, input_shape=(3, 224, 224)) / count_macs(small, input_shape=(3, 224, 224))
 
     body = "\n".join([
         (f"Channel ratio {args.ratio}, L1 criterion, classifier protected; median of {args.repeats} runs each, "
          f"interleaved. Torch-Pruning {torch_pruning.__version__} (`MetaPruner` + `MagnitudeImportance(p=1)`)."),
         "",
-        markdown_table(["model", "prunekit (ms)", "Torch-Pruning (ms)", "TP / prunekit", "params dense",
-                        "params prunekit", "params TP", "MACs prunekit", "MACs TP"], rows),
+        markdown_table(["model", "prunekit (ms)", "Torch-Pruning (ms)", "TP / prunekit", "TP + copy (ms)",
+                        "(TP + copy) / prunekit", "params dense", "params prunekit", "params TP", "MACs prunekit",
+                        "MACs TP"], rows),
+        "",
+        ("`prunekit.prune` returns a pruned copy and leaves the model intact (its time includes the deep copy); "
+         "Torch-Pruning prunes in place, so *TP + copy* adds the `copy.deepcopy` a caller needs to keep the "
+         "original: that column is the like-for-like comparison."),
         "",
         (f"Pruned ResNet-50 (ratio {args.ratio}) CPU latency, batch 8, 224×224: dense {median(lat_dense):.1f} ms, "
          f"pruned {median(lat_small):.1f} ms → **speed-up {speedup:.2f}×** for a MACs reduction factor of "
-         f"{macs_factor:.2f}× (speed-up / MACs factor = **{speedup / macs_factor:.2f}**, goal ≥ 0.9)."),
+         f"{macs_factor:.2f}× (speed-up / MACs factor = **{speedup / macs_factor:.2f}**, goal ≥ 0.9). "
+         f"With BatchNorm folded into the convolutions of both models (`torch.fx.experimental.optimization.fuse`, "
+         f"a deployment step): dense {median(lat_fd):.1f} ms, pruned {median(lat_fs):.1f} ms → speed-up "
+         f"{speedup_fused:.2f}× (÷ MACs factor = **{speedup_fused / macs_factor:.2f}**). The elementwise ops "
+         f"(BN, ReLU, residual adds) shrink with the channel count (2×), not with the MACs (≈ 4×), which is "
+         f"what keeps the ratio below 1."),
     ])
     write_section("engine-speed", "Engine: graph build + prune time vs Torch-Pruning, pruned latency", body)
 
