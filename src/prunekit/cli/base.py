@@ -1,0 +1,87 @@
+"""Shared pieces of the command line: the command registry, argument helpers, table printing."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import PrunekitError
+
+Report = tuple[dict[str, Any], Callable[[], None]]
+#: ``add(name, help)`` returns a sub-parser that already has ``--json``
+AddParser = Callable[[str, str], argparse.ArgumentParser]
+#: name → function(args) returning (JSON report, function printing the human table)
+COMMANDS: dict[str, Callable[[argparse.Namespace], Report]] = {}
+
+
+def command(name: str):
+    """Register ``fn(args) -> (report, render)`` as the sub-command ``name``."""
+    def add(fn):
+        COMMANDS[name] = fn
+        return fn
+
+    return add
+
+
+
+def parse_value(text: str) -> Any:
+    """``"0.1"`` → 0.1, ``"[1,2]"`` → [1, 2], ``"true"`` → True, anything else stays a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def key_values(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PrunekitError(f"{flag} expects KEY=VALUE, got '{pair}'")
+        out[key.replace("-", "_")] = parse_value(value)
+    return out
+
+
+def device_for(name: str | None) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def model_config_for(dataset: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Adapt a zoo model to a dataset's input (channels, size) and class count."""
+    from ..data import dataset_info
+
+    info = dataset_info(dataset)
+    cfg = {"num_classes": info.num_classes, "in_channels": info.input_shape[0], "input_size": info.input_shape[1]}
+    cfg.update(extra)
+    return cfg
+
+
+def size_report(model, input_shape) -> dict[str, int]:
+    from ..metrics import count_macs, count_params
+
+    return {"params": count_params(model), "macs": count_macs(model, input_shape=tuple(input_shape))}
+
+
+def print_table(title: str, rows: dict[str, Any]) -> None:
+    width = max(len(k) for k in rows) if rows else 0
+    print(title)
+    for key, value in rows.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        print(f"  {key:<{width}}  {value}")
+
+
+def data_args(p: argparse.ArgumentParser) -> None:
+    """--dataset, --data-root, --device, --model-config: the options of every command that reads data."""
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", default=None, help="dataset directory (default: $PRUNEKIT_DATA, cache, system)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--model-config", action="append", metavar="KEY=VALUE",
+                   help="model constructor option, e.g. shortcut=B or widths=[300,100]")

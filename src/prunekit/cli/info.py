@@ -1,0 +1,65 @@
+"""Commands that describe what prunekit has: the model zoo, the datasets, fetching data."""
+from __future__ import annotations
+
+import argparse
+
+from .base import (
+    AddParser,
+    Report,
+    command,
+)
+
+
+@command("models")
+def cmd_models(args: argparse.Namespace) -> Report:
+    from ..metrics import count_params
+    from ..models import create, list_models
+
+    rows = []
+    for name in list_models():
+        model = create(name)
+        rows.append({"name": name, "params": count_params(model), "input_shape": list(model.input_shape)})
+    def render():
+        print(f"{'model':<16} {'params':>12}  input")
+        for r in rows:
+            print(f"{r['name']:<16} {r['params']:>12,}  {'×'.join(map(str, r['input_shape']))}")
+
+    return {"models": rows}, render
+
+
+@command("datasets")
+def cmd_datasets(args: argparse.Namespace) -> Report:
+    from ..data import dataset_info, list_datasets
+
+    rows = []
+    for name in list_datasets():
+        info = dataset_info(name)
+        rows.append({"name": name, "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
+    def render():
+        print(f"{'dataset':<16} {'classes':>8}  input")
+        for r in rows:
+            print(f"{r['name']:<16} {r['num_classes']:>8}  {'×'.join(map(str, r['input_shape']))}")
+
+    return {"datasets": rows}, render
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> Report:
+    from ..data import fetch
+
+    path = fetch(args.name, args.data_root, allow_apt=not args.no_apt, allow_download=not args.no_download,
+                 progress=not args.json)
+    return {"dataset": args.name, "root": str(path)}, lambda: print(f"{args.name}: {path}")
+
+
+def add_parsers(add: AddParser) -> None:
+    """Register this module's sub-commands (``add(name, help)`` returns the sub-parser)."""
+    add("models", "list the model zoo")
+    add("datasets", "list the datasets")
+
+    p = add("data", "obtain a dataset: local cache, Debian package, or official download")
+    p.add_argument("action", choices=["fetch"])
+    p.add_argument("name")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--no-apt", action="store_true", help="never try apt-get")
+    p.add_argument("--no-download", action="store_true", help="never download")
