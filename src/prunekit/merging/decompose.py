@@ -176,6 +176,20 @@ def _check(threshold: float | None, negative: str) -> None:
         raise ConfigError(f"negative must be one of {list(NEGATIVE)}, got {negative!r}")
 
 
+def _split(vectors: torch.Tensor, keep) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """Rows ``v`` (N, F), N, and the kept / pruned indices."""
+    v = _rows(vectors)
+    n = v.shape[0]
+    keep = _as_index(keep, n)
+    return v, n, keep, _pruned(keep, n)
+
+
+def _nothing_pruned(n: int, keep: torch.Tensor, threshold, negative):
+    """The decomposition when no neuron is pruned: M is the identity on the kept neurons."""
+    empty = (torch.zeros(0, dtype=t) for t in (torch.long, torch.float64, torch.float64, torch.bool))
+    return _finish(n, keep, keep.new_zeros(0), *empty, threshold, negative)
+
+
 def _finish(n: int, keep: torch.Tensor, pruned: torch.Tensor, target: torch.Tensor, sim: torch.Tensor,
             scale: torch.Tensor, valid: torch.Tensor, threshold: float | None, negative: str) -> Decomposition:
     """Algorithm 1 given each pruned neuron's chosen candidate: build M and the per-neuron reasons."""
@@ -216,14 +230,9 @@ def most_sim(vectors: torch.Tensor, keep, *, threshold: float | None = 0.45,
         negative: ``"skip"`` or ``"allow"`` a non-positive scale (only a zero-norm neuron can give one here).
     """
     _check(threshold, negative)
-    v = _rows(vectors)
-    n = v.shape[0]
-    keep = _as_index(keep, n)
-    pruned = _pruned(keep, n)
+    v, n, keep, pruned = _split(vectors, keep)
     if len(pruned) == 0:
-        return _finish(n, keep, pruned, *(torch.zeros(0, dtype=t) for t in (torch.long, torch.float64,
-                                                                             torch.float64, torch.bool)),
-                       threshold, negative)
+        return _nothing_pruned(n, keep, threshold, negative)
     norms = _norms(v)
     cos = cosine_matrix(v[pruned], v[keep], norms[pruned], norms[keep])  # (R, P)
     sim, target = cos.max(dim=1)
@@ -270,16 +279,11 @@ def most_sim_bn(vectors: torch.Tensor, keep, bn: BNStats, *, lam: float = 0.85, 
         raise ConfigError(f"bn_scale must be one of {list(BN_SCALES)}, got {bn_scale!r}")
     if not 0.0 <= float(lam) <= 1.0:
         raise ConfigError(f"lam must be in [0, 1], got {lam!r}")
-    v = _rows(vectors)
-    n = v.shape[0]
+    v, n, keep, pruned = _split(vectors, keep)
     if bn.gamma.shape[0] != n:
         raise ConfigError(f"BatchNorm has {bn.gamma.shape[0]} channels, the layer {n} neurons")
-    keep = _as_index(keep, n)
-    pruned = _pruned(keep, n)
     if len(pruned) == 0:
-        return _finish(n, keep, pruned, *(torch.zeros(0, dtype=t) for t in (torch.long, torch.float64,
-                                                                             torch.float64, torch.bool)),
-                       threshold, negative)
+        return _nothing_pruned(n, keep, threshold, negative)
     norms = _norms(v)
     norms_p, norms_k = norms[pruned], norms[keep]
     cos = cosine_matrix(v[pruned], v[keep], norms_p, norms_k)  # (R, P)
