@@ -117,39 +117,35 @@ def tensor(a: np.ndarray) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------- pipelines
 
 
-def official_resnet(model: nn.Module, cfg: dict, criterion: str, r: float, t: float, lam: float) -> nn.Module:
+def _official_blocks(model: nn.Module, cfg: dict, arch: str, bn: str, extra_attr: str, keep_of, criterion: str,
+                     t: float, lam: float) -> nn.Module:
+    """The official per-block merge: prune each block's conv1 to ``keep_of(out_channels)`` filters, merge
+    the pruned ones into conv2 with MostSim+BN (``bn`` follows conv1), rebuild the narrow model."""
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     widths = []
     for name, block in model.named_modules():
-        if not hasattr(block, "conv2") or not hasattr(block, "bn1"):
+        if not hasattr(block, "conv2") or not hasattr(block, bn) or not hasattr(block, extra_attr):
             continue
         w = sd[f"{name}.conv1.weight"].double().numpy()
-        p = math.floor(w.shape[0] * (1 - r))
+        p = keep_of(w.shape[0])
         ind = ref_index(w, p, criterion)
-        z = ref_scaling_bn(w, ind, t, *bn_params(sd, f"{name}.bn1"), lam)
+        z = ref_scaling_bn(w, ind, t, *bn_params(sd, f"{name}.{bn}"), lam)
         sd[f"{name}.conv1.weight"] = tensor(w[ind])
-        slice_bn(sd, f"{name}.bn1", ind)
+        slice_bn(sd, f"{name}.{bn}", ind)
         sd[f"{name}.conv2.weight"] = tensor(absorb(sd[f"{name}.conv2.weight"].double().numpy(), z))
         widths.append(p)
-    return load_narrow("resnet-cifar", {**cfg, "internal_widths": widths}, sd)
+    return load_narrow(arch, {**cfg, "internal_widths": widths}, sd)
+
+
+def official_resnet(model: nn.Module, cfg: dict, criterion: str, r: float, t: float, lam: float) -> nn.Module:
+    return _official_blocks(model, cfg, "resnet-cifar", "bn1", "bn1", lambda n: math.floor(n * (1 - r)),
+                            criterion, t, lam)
 
 
 def official_wrn(model: nn.Module, cfg: dict, criterion: str, r: float, t: float, lam: float) -> nn.Module:
-    sd = {k: v.clone() for k, v in model.state_dict().items()}
     k = cfg["widen_factor"]
-    widths = []
-    for name, block in model.named_modules():
-        if not hasattr(block, "conv2") or not hasattr(block, "bn2") or not hasattr(block, "projection"):
-            continue
-        w = sd[f"{name}.conv1.weight"].double().numpy()
-        p = math.floor(w.shape[0] / k * (1 - r)) * k
-        ind = ref_index(w, p, criterion)
-        z = ref_scaling_bn(w, ind, t, *bn_params(sd, f"{name}.bn2"), lam)
-        sd[f"{name}.conv1.weight"] = tensor(w[ind])
-        slice_bn(sd, f"{name}.bn2", ind)
-        sd[f"{name}.conv2.weight"] = tensor(absorb(sd[f"{name}.conv2.weight"].double().numpy(), z))
-        widths.append(p)
-    return load_narrow("wrn", {**cfg, "internal_widths": widths}, sd)
+    return _official_blocks(model, cfg, "wrn", "bn2", "projection", lambda n: math.floor(n / k * (1 - r)) * k,
+                            criterion, t, lam)
 
 
 def official_vgg(model: nn.Module, cfg: dict, criterion: str, halved: tuple, t: float, lam: float) -> nn.Module:
