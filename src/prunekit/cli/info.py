@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .base import (
     AddParser,
@@ -19,12 +20,7 @@ def cmd_models(args: argparse.Namespace) -> Report:
     for name in list_models():
         model = create(name)
         rows.append({"name": name, "params": count_params(model), "input_shape": list(model.input_shape)})
-    def render():
-        print(f"{'model':<16} {'params':>12}  input")
-        for r in rows:
-            print(f"{r['name']:<16} {r['params']:>12,}  {'×'.join(map(str, r['input_shape']))}")
-
-    return {"models": rows}, render
+    return _listing("models", rows, "params", "params", "{:>12,}")
 
 
 @command("datasets")
@@ -35,12 +31,17 @@ def cmd_datasets(args: argparse.Namespace) -> Report:
     for name in list_datasets():
         info = dataset_info(name)
         rows.append({"name": name, "num_classes": info.num_classes, "input_shape": list(info.input_shape)})
-    def render():
-        print(f"{'dataset':<16} {'classes':>8}  input")
-        for r in rows:
-            print(f"{r['name']:<16} {r['num_classes']:>8}  {'×'.join(map(str, r['input_shape']))}")
+    return _listing("datasets", rows, "num_classes", "classes", "{:>8}")
 
-    return {"datasets": rows}, render
+
+def _listing(key: str, rows: list[dict[str, Any]], column: str, header: str, fmt: str) -> Report:
+    """``{key: rows}`` and a table of name, ``column`` (titled ``header``, formatted with ``fmt``), input shape."""
+    def render() -> None:
+        print(f"{key.removesuffix('s'):<16} {header:>{len(fmt.format(0))}}  input")
+        for r in rows:
+            print(f"{r['name']:<16} {fmt.format(r[column])}  {'×'.join(map(str, r['input_shape']))}")
+
+    return {key: rows}, render
 
 
 @command("data")
