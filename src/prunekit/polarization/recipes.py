@@ -109,28 +109,28 @@ for _name, _recipe in RECIPE_DEFS.items():
 
 
 def _paper_studies():
+    from dataclasses import replace
+
     from .studies import StudySpec
 
     cifar = {"baseline_recipe": "cifar", "sparse_recipe": "polarization-cifar", "bn_init": 0.5}
+    resnet56 = StudySpec(model="resnet56", dataset="cifar10", lam=5e-5, t=1.4, preset="resnet-cifar",
+                         finetune_recipe="polarization-cifar-finetune-resnet",
+                         paper={"accuracy": 93.83, "macs_reduction": 0.47, "baseline": 93.80}, **cifar)
+    vgg16 = StudySpec(model="vgg16", dataset="cifar10", lam=3e-5, t=1.5, preset="vgg16",
+                      finetune_recipe="polarization-cifar-finetune-vgg",
+                      paper={"accuracy": 93.92, "macs_reduction": 0.54, "baseline": 93.88}, **cifar)
+
+    def on_cifar100(spec: StudySpec, accuracy: float, macs_reduction: float, baseline: float) -> StudySpec:
+        return replace(spec, dataset="cifar100", paper={
+            "accuracy": accuracy, "macs_reduction": macs_reduction, "baseline": baseline,
+            "note": "CIFAR-100 (λ, t) are not documented; the CIFAR-10 values are used"})
+
     return {
-        "polarization-resnet56-cifar10": StudySpec(
-            model="resnet56", dataset="cifar10", lam=5e-5, t=1.4, preset="resnet-cifar",
-            finetune_recipe="polarization-cifar-finetune-resnet", paper={"accuracy": 93.83, "macs_reduction": 0.47,
-                                                                          "baseline": 93.80}, **cifar),
-        "polarization-resnet56-cifar100": StudySpec(
-            model="resnet56", dataset="cifar100", lam=5e-5, t=1.4, preset="resnet-cifar",
-            finetune_recipe="polarization-cifar-finetune-resnet",
-            paper={"accuracy": 72.46, "macs_reduction": 0.25, "baseline": 72.49,
-                   "note": "CIFAR-100 (λ, t) are not documented; the CIFAR-10 values are used"}, **cifar),
-        "polarization-vgg16-cifar10": StudySpec(
-            model="vgg16", dataset="cifar10", lam=3e-5, t=1.5, preset="vgg16",
-            finetune_recipe="polarization-cifar-finetune-vgg", paper={"accuracy": 93.92, "macs_reduction": 0.54,
-                                                                       "baseline": 93.88}, **cifar),
-        "polarization-vgg16-cifar100": StudySpec(
-            model="vgg16", dataset="cifar100", lam=3e-5, t=1.5, preset="vgg16",
-            finetune_recipe="polarization-cifar-finetune-vgg",
-            paper={"accuracy": 74.25, "macs_reduction": 0.43, "baseline": 73.83,
-                   "note": "CIFAR-100 (λ, t) are not documented; the CIFAR-10 values are used"}, **cifar),
+        "polarization-resnet56-cifar10": resnet56,
+        "polarization-resnet56-cifar100": on_cifar100(resnet56, 72.46, 0.25, 72.49),
+        "polarization-vgg16-cifar10": vgg16,
+        "polarization-vgg16-cifar100": on_cifar100(vgg16, 74.25, 0.43, 73.83),
         "polarization-resnet50-imagenet": StudySpec(
             model="resnet50", dataset="imagenet", lam=8e-5, t=1.2, preset="resnet50", bn_init=0.5,
             baseline_recipe="imagenet", sparse_recipe="polarization-imagenet-resnet50",
