@@ -82,6 +82,21 @@ def fmt(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
+def _prune_merge_row(model, example, graph, opts: MergeOptions, ratio, base_params: int, test_loader,
+                     device) -> dict[str, Any]:
+    """One table row: the same plan applied as plain pruning and as merging, both evaluated."""
+    t0 = time.perf_counter()
+    merged = merge(model, example, opts, graph=graph)
+    seconds = time.perf_counter() - t0
+    pruned = merge(model, example, opts.replace(model_type="prune"), graph=graph)
+    return {"criterion": opts.criterion, "ratio": ratio, "params": _params(merged.model),
+            "params_reduction": round(100 * (1 - _params(merged.model) / base_params), 2),
+            "prune": _accuracy(pruned.model, test_loader, device),
+            "merge": _accuracy(merged.model, test_loader, device), "merged": merged.report["merged"],
+            "removed": merged.report["channels_removed"], "skipped_sign": merged.report["skipped_sign"],
+            "merge_seconds": round(seconds, 3)}
+
+
 # ----------------------------------------------------------------------------------------------
 # LeNet-300-100 on Fashion-MNIST
 
@@ -102,13 +117,7 @@ def lenet_table(model: torch.nn.Module, test_loader, train_set=None, *, criteria
         for r in ratios:
             opts = MergeOptions(ratio=r, criterion=crit, preset="lenet-300-100", bn_scale=bn_scale,
                                 threshold=threshold)
-            pruned = merge(model, example, opts.replace(model_type="prune"), graph=graph)
-            merged = merge(model, example, opts, graph=graph)
-            row = {"criterion": crit, "ratio": r, "params": _params(merged.model),
-                   "params_reduction": round(100 * (1 - _params(merged.model) / base_params), 2),
-                   "prune": _accuracy(pruned.model, test_loader, device),
-                   "merge": _accuracy(merged.model, test_loader, device), "merged": merged.report["merged"],
-                   "removed": merged.report["channels_removed"]}
+            row = _prune_merge_row(model, example, graph, opts, r, base_params, test_loader, device)
             if train_set is not None and calibration:
                 for key, select in (("lstsq", "criterion"), ("lstsq_greedy", "greedy")):
                     res = compensate(model, example, train_set, LstsqOptions(calibration=calibration, select=select),
@@ -195,16 +204,7 @@ def preset_table(model: torch.nn.Module, test_loader, *, preset: str, criteria=C
         for r in ratios:
             opts = MergeOptions(ratio=0.0 if r is None else r, criterion=crit, preset=preset, bn_scale=bn_scale,
                                 threshold=threshold, lam=lam, negative=negative)
-            t0 = time.perf_counter()
-            merged = merge(model, example, opts, graph=graph)
-            seconds = time.perf_counter() - t0
-            pruned = merge(model, example, opts.replace(model_type="prune"), graph=graph)
-            row = {"criterion": crit, "ratio": r, "params": _params(merged.model),
-                   "params_reduction": round(100 * (1 - _params(merged.model) / base), 2),
-                   "prune": _accuracy(pruned.model, test_loader, device),
-                   "merge": _accuracy(merged.model, test_loader, device), "merged": merged.report["merged"],
-                   "removed": merged.report["channels_removed"], "skipped_sign": merged.report["skipped_sign"],
-                   "merge_seconds": round(seconds, 3)}
+            row = _prune_merge_row(model, example, graph, opts, r, base, test_loader, device)
             if train_set is not None and calibration:
                 res = compensate(model, example, train_set, LstsqOptions(calibration=calibration), opts, graph=graph)
                 row["lstsq"] = _accuracy(res.model, test_loader, device)
