@@ -42,12 +42,8 @@ def make_plan(model: nn.Module, graph: ChannelGraph, *, ratio: float, criterion:
     keep = select(graph, scores, ratio=ratio, scope=scope, rounding=rounding, overrides=per_group)
     groups = []
     for g in graph.prunable_groups:
-        groups.append(GroupPlan(
-            group_id=g.id, keep=keep[g.id], size=g.size, criterion=criterion,
-            ratio=per_group.get(g.id, ratio),
-            members=[{"module": m.module, "role": m.role, "size": len(m.indices(g.id))} for m in g.members],
-            provenance={"name": g.name, "scope": "local" if g.id in per_group else scope,
-                        "mergeable": g.mergeable}))
+        groups.append(GroupPlan.from_group(g, keep[g.id], criterion=criterion, ratio=per_group.get(g.id, ratio),
+                                           scope="local" if g.id in per_group else scope))
     meta = {"criterion": criterion, "ratio": ratio, "scope": scope, "rounding": rounding, "seed": seed,
             "include_bias": include_bias}
     return Plan(groups=groups, meta=meta)

@@ -89,6 +89,18 @@ class GroupPlan:
                 raise PlanError(f"group {self.group_id}: shift must have one value per channel ({self.size}), "
                                 f"got {self.shift.numel()}")
 
+    @classmethod
+    def from_group(cls, group: Any, keep: Any, *, criterion: str | None = None, ratio: float | None = None,
+                   **provenance: Any) -> GroupPlan:
+        """The plan of graph group ``group`` keeping ``keep``: size, members and ``provenance["name"]`` /
+        ``["mergeable"]`` filled from the group; ``ratio`` defaults to the fraction removed."""
+        n_keep = len(keep)
+        return cls(group_id=group.id, keep=keep, size=group.size, criterion=criterion,
+                   ratio=(1 - n_keep / group.size) if ratio is None else ratio,
+                   members=[{"module": m.module, "role": m.role, "size": len(m.indices(group.id))}
+                            for m in group.members],
+                   provenance={"name": group.name, "mergeable": group.mergeable, **provenance})
+
     @property
     def pruned(self) -> int | None:
         return None if self.size is None else self.size - len(self.keep)

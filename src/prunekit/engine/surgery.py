@@ -27,59 +27,9 @@ from torch import nn
 from ..errors import CheckpointError
 from .errors import PlanError, SurgeryError
 from .graph import ChannelGraph, Member, _EvalMode, _shape_tree
+from .masks import keep_masks, member_keep
 from .plan import Plan, PruneRecord
 from .rules import find_rule
-
-
-def _keep_masks(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict[int, torch.Tensor]]:
-    """Validate ``plan`` against ``graph``; per group a bool mask over its channels, and the merges."""
-    masks, merges, _ = _keep_masks_shifts(graph, plan)
-    return masks, merges
-
-
-def _keep_masks_shifts(graph: ChannelGraph, plan: Plan) -> tuple[list[np.ndarray], dict[int, torch.Tensor],
-                                                                 dict[int, torch.Tensor]]:
-    """:func:`_keep_masks` plus the groups' shifts."""
-    masks = [np.ones(g.size, dtype=bool) for g in graph.groups]
-    merges: dict[int, torch.Tensor] = {}
-    shifts: dict[int, torch.Tensor] = {}
-    seen: set[int] = set()
-    for gp in plan.groups:
-        if not 0 <= gp.group_id < len(graph.groups):
-            raise PlanError(f"plan names group {gp.group_id}, but the graph has {len(graph.groups)} groups")
-        if gp.group_id in seen:
-            raise PlanError(f"plan lists group {gp.group_id} twice")
-        seen.add(gp.group_id)
-        g = graph.groups[gp.group_id]
-        if gp.size is not None and gp.size != g.size:
-            raise PlanError(f"group {g.id} ('{g.name}') has {g.size} channels, the plan says {gp.size}")
-        keep = np.asarray(gp.keep, dtype=np.int64)
-        if len(keep) == 0:
-            raise PlanError(f"group {g.id} ('{g.name}'): keep is empty (at least one channel must stay)")
-        if keep.min() < 0 or keep.max() >= g.size:
-            raise PlanError(f"group {g.id} ('{g.name}'): keep indices must be in [0, {g.size})")
-        mask = np.zeros(g.size, dtype=bool)
-        mask[keep] = True
-        dropped = [c for c in g.blocked if not mask[c]]
-        if dropped:
-            raise PlanError(f"group {g.id} ('{g.name}'): plan removes protected channel {dropped[0]} "
-                            f"({g.blocked[dropped[0]]})")
-        masks[g.id] = mask
-        if gp.merge is not None:
-            if not g.mergeable:
-                raise PlanError(f"group {g.id} ('{g.name}') is not mergeable: {g.merge_reason}")
-            if tuple(gp.merge.shape) != (g.size, len(keep)):
-                raise PlanError(f"group {g.id} ('{g.name}'): merge must be {g.size}×{len(keep)}, "
-                                f"got {tuple(gp.merge.shape)}")
-            merges[g.id] = gp.merge
-        if gp.shift is not None:
-            if not g.mergeable:
-                raise PlanError(f"group {g.id} ('{g.name}') is not mergeable (a shift is an affine merge): "
-                                f"{g.merge_reason}")
-            if gp.shift.numel() != g.size:
-                raise PlanError(f"group {g.id} ('{g.name}'): shift must have {g.size} values, got {gp.shift.numel()}")
-            shifts[g.id] = gp.shift
-    return masks, merges, shifts
 
 
 def _shift_vector(m: Member, shifts: dict[int, torch.Tensor]) -> torch.Tensor | None:
@@ -92,15 +42,6 @@ def _shift_vector(m: Member, shifts: dict[int, torch.Tensor]) -> torch.Tensor | 
         sel = np.nonzero(m.group == gid)[0]
         v[torch.from_numpy(sel)] = shifts[gid].detach().double().cpu()[torch.from_numpy(m.channel[sel])]
     return v
-
-
-def _member_keep(m: Member, masks: list[np.ndarray]) -> np.ndarray:
-    keep = np.ones(len(m), dtype=bool)
-    inside = m.group >= 0
-    for gid in np.unique(m.group[inside]).tolist():
-        sel = m.group == gid
-        keep[sel] = masks[gid][m.channel[sel]]
-    return keep
 
 
 def _merge_matrix(m: Member, keep: np.ndarray, masks: list[np.ndarray], merges: dict[int, torch.Tensor],
@@ -156,7 +97,8 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     step) for saving/replay. With ``verify`` the copy is run on the graph's example inputs and must
     give outputs of the same shapes, else :class:`SurgeryError`.
     """
-    masks, merges, shifts = _keep_masks_shifts(graph, plan)
+    pm = keep_masks(graph, plan)
+    masks, merges, shifts = pm.masks, pm.merges, pm.shifts
     new = copy.deepcopy(model)
     step: dict[str, dict[str, Any]] = {}
     for m in graph.members:
@@ -165,7 +107,7 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
         if rule is None:  # pragma: no cover - members only exist for modules with rules
             continue
         _check_size(module, rule, m)
-        keep = _member_keep(m, masks)
+        keep = member_keep(m, masks)
         if not keep.any():
             raise PlanError(f"plan removes every {m.role}-channel of module '{m.module}' ({m.kind})")
         merging = m.role == "in" and bool(np.isin(m.group, list(merges)).any())
@@ -216,12 +158,12 @@ def mask(model: nn.Module, graph: ChannelGraph, plan: Plan) -> nn.Module:
     For networks whose ops map 0 to 0 (ReLU, SiLU, GELU, Tanh, pooling, add, BN in eval with β = 0 ...)
     its outputs equal those of ``apply(model, graph, plan)`` without merges.
     """
-    masks, _ = _keep_masks(graph, plan)
+    masks = keep_masks(graph, plan).masks
     new = copy.deepcopy(model)
     for m in graph.members:
         if m.role == "in":
             continue
-        drop = ~_member_keep(m, masks)
+        drop = ~member_keep(m, masks)
         if drop.any():
             module = new.get_submodule(m.module)
             find_rule(type(module)).zero(module, m.role, torch.from_numpy(np.nonzero(drop)[0]))
