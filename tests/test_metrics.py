@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prunekit import models as zoo
 from prunekit.errors import ConfigError
 from prunekit.metrics import (
     LatencyResult,
@@ -116,31 +117,112 @@ def test_count_macs_restores_modes_and_takes_no_grad():
         count_macs(nn.Sequential(nn.Linear(2, 2)))
 
 
-def _zoo():
-    return pytest.importorskip("prunekit.models", reason="model zoo not available yet")
+class FunctionalConv(nn.Module):
+    """Convolutions and a linear map written with ``torch.nn.functional``: no conv/linear module at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 3, 3, 3))
+        self.dw = nn.Parameter(torch.randn(6, 1, 3, 3))
+        self.register_buffer("proj", torch.randn(5, 96))
+
+    def forward(self, x):  # (B, 3, 8, 8)
+        x = F.conv2d(x, self.weight, padding=1)  # 3·3·3·6·8·8 = 10368
+        x = F.conv2d(x, self.dw, stride=2, padding=1, groups=6)  # 3·3·1·6·4·4 = 864
+        return F.linear(x.flatten(1), self.proj, torch.ones(5))  # 96·5 = 480 (bias not counted)
+
+
+def test_functional_convolutions_are_counted():
+    per_sample = 10368 + 864 + 480
+    assert count_macs(FunctionalConv(), torch.randn(2, 3, 8, 8)) == per_sample
+    # An op belongs to the innermost module whose forward ran it ("" is the root's own forward).
+    assert layer_macs(FunctionalConv(), torch.randn(1, 3, 8, 8)) == {"": per_sample}
+    wrapped = nn.Sequential(nn.Conv2d(3, 3, 1), FunctionalConv())  # 1·3·3·8·8 = 576
+    assert layer_macs(wrapped, torch.randn(3, 3, 8, 8)) == {"0": 576, "1": per_sample}
+
+
+class MatMuls(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(6, 5))
+        self.v = nn.Parameter(torch.randn(5))
+
+    def forward(self, x):  # (B, 4, 6)
+        y = x @ self.w  # (4×6)·(6×5): 120
+        scores = torch.matmul(y, y.transpose(-1, -2))  # (4×5)·(5×4): 80
+        mixed = torch.baddbmm(torch.zeros(1), scores, y[..., :3])  # (4×4)·(4×3): 48
+        per_row = torch.stack([m @ self.v for m in y])  # matrix-vector (4×5)·(5,): 20 per sample
+        return mixed.sum() + per_row.sum()
+
+
+def test_matmul_bmm_baddbmm_and_matrix_vector_are_counted():
+    assert count_macs(MatMuls(), torch.randn(2, 4, 6)) == 120 + 80 + 48 + 20
+    assert count_macs(MatMuls(), torch.randn(1, 4, 6)) == 120 + 80 + 48 + 20
+
+
+class SDPA(nn.Module):
+    def __init__(self, mask: bool = False):
+        super().__init__()
+        self.mask = torch.zeros(5, 7) if mask else None
+
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_scaled_dot_product_attention_is_counted(mask):
+    # q (B, H=2, L=5, E=8), k (B, 2, S=7, 8), v (B, 2, 7, Ev=4): H·L·S·E for QKᵀ + H·L·S·Ev for AV.
+    q, k, v = torch.randn(3, 2, 5, 8), torch.randn(3, 2, 7, 8), torch.randn(3, 2, 7, 4)
+    assert count_macs(SDPA(mask), (q, k, v)) == 2 * 5 * 7 * 8 + 2 * 5 * 7 * 4
+
+
+class Attention(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.batch_first = batch_first
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+    def forward(self, x, memory=None):
+        memory = x if memory is None else memory
+        if not self.batch_first:  # (B, L, E) → (L, B, E)
+            x, memory = x.transpose(0, 1), memory.transpose(0, 1)
+        return self.mha(x, memory, memory, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])  # True takes torch's fused inference path
+def test_multihead_attention_is_counted(batch_first):
+    e, lq = 16, 6
+    x = torch.randn(2, lq, e)
+    # q, k, v projections 3·L·E², QKᵀ and AV 2·L·L·E, output projection L·E².
+    assert layer_macs(Attention(batch_first), x) == {"mha": 3 * lq * e * e + 2 * lq * lq * e + lq * e * e}
+    memory, lk = torch.randn(2, 9, e), 9  # cross-attention: k and v projections over the memory's 9 positions
+    expected = lq * e * e + 2 * lk * e * e + 2 * lq * lk * e + lq * e * e
+    assert count_macs(Attention(batch_first), (x, memory)) == expected
 
 
 @pytest.mark.parametrize(
-    "name, cfg, macs",
+    "name, cfg, macs, params",
     [
-        ("resnet56", {}, 125_485_696),
-        ("vgg16", {}, 313_463_808),
-        ("vgg16", {"num_classes": 100}, 313_509_888),
-        ("resnet50", {}, 4_089_184_256),
-        ("mobilenetv2", {}, 300_774_272),
+        ("resnet56", {}, 125_485_696, 853_018),  # 125.49 M / 0.85 M, as published
+        ("resnet20", {}, 40_551_040, 269_722),  # 40.55 M
+        ("vgg16", {}, 313_463_808, 14_987_722),  # 313.5 M (CIFAR-10)
+        ("vgg16", {"num_classes": 100}, 313_509_888, None),
+        ("resnet50", {}, 4_089_184_256, 25_557_032),
+        ("mobilenetv2", {}, 300_774_272, 3_504_872),
+        ("lenet-300-100", {}, 266_200, 266_610),  # Neuron Merging's LeNet-300-100: 784·300 + 300·100 + 100·10
     ],
 )
-def test_zoo_baseline_macs_match_polarization_spec(name, cfg, macs):
-    zoo = _zoo()
-    assert count_macs(zoo.create(name, **cfg)) == macs
+def test_zoo_baseline_macs_match_published_counts(name, cfg, macs, params):
+    m = zoo.create(name, **cfg)
+    assert count_macs(m) == macs
+    assert params is None or count_params(m) == params
 
 
 def test_zoo_resnet50_params_and_grda_denominator():
-    zoo = _zoo()
     m = zoo.create("resnet50")
     assert count_params(m) == 25_557_032
     rep = sparsity(m, kinds=None, modules=None)
-    assert rep.numel == rep.all_numel == 25_557_032  # gRDA's denominator (spec §1.4)
+    assert rep.numel == rep.all_numel == 25_557_032  # gRDA's denominator (docs/grda.md)
     assert sparsity(m).numel == 25_502_912  # conv + fc weights only
 
 

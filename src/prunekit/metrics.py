@@ -1,9 +1,10 @@
 """What the papers report: parameter counts, MACs ("FLOPs"), sparsity, latency and accuracy.
 
-MAC rule (polarization spec §3.1): multiply-accumulates of convolution and linear layers only,
-per sample — conv ``k_h·k_w·(C_in/groups)·C_out·H_out·W_out``, linear ``in·out`` per position.
-Bias, BN, activations, pooling, additions and padding are not counted. Measured with forward
-hooks, so only modules called through ``module(x)`` count (not ``F.conv2d`` inside a forward).
+MAC rule (what the papers call "FLOPs", see docs/polarization.md): multiply-accumulates per sample,
+one multiply-add = 1 MAC — conv ``k_h·k_w·(C_in/groups)·C_out·H_out·W_out``, linear ``in·out`` per
+position, matrix products and attention (``QKᵀ`` and ``AV``) likewise. Bias, BN, activations, pooling, softmax, additions and padding
+are not counted. Measured with :class:`torch.utils.flop_counter.FlopCounterMode` (aten level), so
+functional calls count as well as modules.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import math
 import statistics
 import time
 from collections.abc import Iterable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .runtime import as_inputs, call, eval_mode
 
 __all__ = [
     "LatencyResult",
@@ -50,31 +51,11 @@ def count_params(model: nn.Module, *, trainable_only: bool = False) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def _eval_mode(model: nn.Module):
-    """Put every submodule in eval mode, then restore each one's own flag."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_floating_point():
             return t.device, t.dtype
     return torch.device("cpu"), torch.float32
-
-
-def _call(model: nn.Module, inputs: Any):
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
 
 
 def _first_tensor(inputs: Any) -> torch.Tensor | None:
@@ -87,67 +68,120 @@ def _first_tensor(inputs: Any) -> torch.Tensor | None:
     return None
 
 
-def _conv_macs(m: nn.modules.conv._ConvNd, inp: torch.Tensor, out: torch.Tensor) -> int:
-    k = math.prod(m.kernel_size)
-    if m.transposed:  # every input position scatters a k × C_out/groups patch per input channel
-        spatial = math.prod(inp.shape[2:]) if inp.dim() == len(m.kernel_size) + 2 else math.prod(inp.shape[1:])
-        return k * m.in_channels * (m.out_channels // m.groups) * spatial * _batch(inp, m)
-    spatial = math.prod(out.shape[-len(m.kernel_size):])
-    return k * (m.in_channels // m.groups) * m.out_channels * spatial * _batch(out, m)
+def _shape(t: Any) -> tuple[int, ...]:
+    """A tensor's shape, or the shape itself (the counter passes shapes or tensors, by torch version)."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
 
 
-def _batch(t: torch.Tensor, m: nn.modules.conv._ConvNd) -> int:
-    # Unbatched conv inputs (C, *spatial) are allowed by torch; count them as batch 1.
-    return t.shape[0] if t.dim() == len(m.kernel_size) + 2 else 1
+def _raw_formula(fn):
+    # Called with the op's own arguments (tensors); older counters may pass shapes instead — _shape
+    # accepts both, and the keyword (out_val / out_shape) is ignored.
+    fn._get_raw = True
+    return fn
+
+
+@_raw_formula
+def _sdpa_flops(query, key, value, *args, **kwargs) -> int:
+    """q (…, L, E) · kᵀ (…, E, S), then (…, L, S) · v (…, S, Ev); key/value heads broadcast (GQA)."""
+    q, k, v = _shape(query), _shape(key), _shape(value)
+    return 2 * math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
+
+
+@_raw_formula
+def _native_mha_flops(query, key, value, embed_dim, *args, **kwargs) -> int:
+    """``nn.MultiheadAttention``'s fused inference path: q/k/v and output projections + attention."""
+    q, k, e = _shape(query), _shape(key), int(embed_dim)
+    batch = math.prod(q[:-2])
+    lq, lk = q[-2], k[-2]
+    return 2 * batch * (2 * lq * e * e + 2 * lk * e * e + 2 * lq * lk * e)
+
+
+@_raw_formula
+def _mv_flops(*args, **kwargs) -> int:
+    """``mv``/``addmv`` (matrix (n, m) · vector (m,)) and ``dot`` (m,)·(m,); leading bias operand skipped."""
+    mats = [_shape(a) for a in args if isinstance(a, (torch.Tensor, tuple, list, torch.Size))]
+    mat, vec = mats[-2], mats[-1]
+    return 2 * math.prod(mat) if len(mat) == 2 else 2 * vec[0]
+
+
+def _extra_formulas() -> dict:
+    """Ops the counter does not know (as of torch 2.13) that still are multiply-adds of weights/activations:
+    CPU SDPA, nn.MultiheadAttention's fast path, matrix-vector products."""
+    aten = torch.ops.aten
+    out = {}
+    for name, fn in [("_scaled_dot_product_flash_attention_for_cpu", _sdpa_flops),
+                     ("_native_multi_head_attention", _native_mha_flops),
+                     ("mv", _mv_flops), ("addmv", _mv_flops), ("dot", _mv_flops)]:
+        if hasattr(aten, name):
+            out[getattr(aten, name)] = fn
+    return out
+
+
+def _exclusive(inclusive: dict[str, int], root: str) -> dict[str, int]:
+    """Turn the counter's nested per-module totals into each module's own share, by module path.
+
+    The counter names modules ``Root.a.b`` and counts an op in every enclosing module. A module's own
+    share is its total less the totals of its nearest counted descendants; the shares add up to the
+    root's total. Modules outside the root's tree (called but not registered) stay in their caller.
+    """
+    named = {}
+    for key, v in inclusive.items():
+        if key == root:
+            named[""] = v
+        elif key.startswith(root + "."):
+            named[key[len(root) + 1:]] = v
+    own = dict(named)
+    for name, v in named.items():
+        if name == "":
+            continue
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):  # the nearest counted ancestor ("" = root)
+            anc = ".".join(parts[:i])
+            if anc in named:
+                own[anc] -= v
+                break
+    return {k: v for k, v in own.items() if v}
 
 
 def layer_macs(
     model: nn.Module, inputs: Any = None, *, input_shape: Sequence[int] | None = None
 ) -> dict[str, int]:
-    """Per-sample MACs of each conv/linear module, by module name (summed over repeated calls).
+    """Per-sample MACs of each module's own operations, by module name (summed over repeated calls).
 
-    ``inputs``: a tensor (or args tuple / kwargs dict) whose first tensor's dim 0 is the batch;
-    totals are divided by it. Default: ``torch.zeros(1, *input_shape)`` with ``input_shape``
-    defaulting to ``model.input_shape`` (C, H, W). The model runs in eval mode under no_grad and
-    its modes are restored afterwards.
+    Counted with :class:`torch.utils.flop_counter.FlopCounterMode` at the aten level, so convolutions
+    (incl. grouped/transposed), linear layers, functional ``F.conv*``/``F.linear``, ``matmul``/``@``,
+    ``bmm``/``baddbmm``/``einsum`` and attention (``F.scaled_dot_product_attention``,
+    ``nn.MultiheadAttention``) all count, wherever they are called. One multiply-add = 1 MAC (the
+    counter's FLOPs / 2); bias adds, norms, activations, pooling, softmax and additions are not counted.
+    An op belongs to the innermost module whose ``forward`` ran it (``""``: the root's own forward);
+    modules with no MACs are left out.
+
+    ``inputs``: a tensor, an args tuple or a kwargs dict (see :func:`prunekit.runtime.as_inputs`) whose
+    first tensor's dim 0 is the batch; totals are divided by it. Default: ``torch.zeros(1, *input_shape)``
+    with ``input_shape`` defaulting to ``model.input_shape`` (C, H, W). The model runs in eval mode under
+    no_grad and every submodule's mode is restored afterwards.
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     if inputs is None:
         shape = input_shape if input_shape is not None else getattr(model, "input_shape", None)
         if shape is None:
             raise ConfigError("count_macs needs inputs or input_shape (the model has no input_shape)")
         device, dtype = _model_device_dtype(model)
         inputs = torch.zeros((1, *shape), device=device, dtype=dtype)
-    first = _first_tensor(inputs)
+    args, kwargs = as_inputs(inputs)
+    first = _first_tensor((args, kwargs))
     batch = first.shape[0] if first is not None and first.dim() > 0 else 1
 
-    counts: dict[str, int] = {}
-    handles = []
-
-    def hook(name):
-        def fn(m, args, out):
-            inp = args[0] if args else None
-            if isinstance(m, nn.modules.conv._ConvNd):
-                macs = _conv_macs(m, inp, out)
-            else:  # Linear: in·out per position (all leading dims of the output)
-                macs = m.in_features * m.out_features * (out.numel() // max(m.out_features, 1))
-            counts[name] = counts.get(name, 0) + macs
-
-        return fn
-
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-            handles.append(m.register_forward_hook(hook(name)))
-    try:
-        with _eval_mode(model), torch.no_grad():
-            _call(model, inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return {k: v // batch for k, v in counts.items()}
+    counter = FlopCounterMode(display=False, custom_mapping=_extra_formulas())
+    with eval_mode(model), counter:
+        model(*args, **kwargs)
+    inclusive = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    return {k: v // 2 // batch for k, v in _exclusive(inclusive, type(model).__name__).items()}
 
 
 def count_macs(model: nn.Module, inputs: Any = None, *, input_shape: Sequence[int] | None = None) -> int:
-    """Per-sample multiply-accumulates of conv and linear layers (see :func:`layer_macs`)."""
+    """Per-sample multiply-accumulates of the whole forward pass (the sum of :func:`layer_macs`)."""
     return sum(layer_macs(model, inputs, input_shape=input_shape).values())
 
 
@@ -283,14 +317,14 @@ def measure_latency(
 
     times: list[float] = []
     try:
-        with _eval_mode(model), torch.inference_mode():
+        with eval_mode(model, no_grad=False), torch.inference_mode():
             for _ in range(warmup):
-                _call(model, inputs)
+                call(model, inputs)
             sync()
             for _ in range(runs):
                 sync()
                 t0 = time.perf_counter()
-                _call(model, inputs)
+                call(model, inputs)
                 sync()
                 times.append((time.perf_counter() - t0) * 1000.0)
     finally:
@@ -355,10 +389,10 @@ def evaluate(
     num_classes = 0
     reduction = getattr(criterion, "reduction", "mean") if criterion is not None else "sum"
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model):
             for batch in loader:
                 x, y = _to(batch[0], dev), _to(batch[1], dev)
-                out = _call(model, x)
+                out = call(model, x)
                 n, num_classes = out.shape[0], out.shape[1]
                 valid = [i for i, k in enumerate(ks) if k <= num_classes]
                 sums[valid] += _hits(out, y, [ks[i] for i in valid]).to(torch.float64)
