@@ -18,8 +18,8 @@ from common import ROOT, markdown_table, write_section
 from prunekit.data import get_dataset, make_loader
 from prunekit.io import load_model
 from prunekit.merging import MergeOptions
-from prunekit.merging.compensation import LstsqOptions, compensate
-from prunekit.merging.studies import LENET_CHECKPOINT, lenet_markdown, lenet_table
+from prunekit.merging import LstsqOptions, compensate
+from prunekit.studies.merging import LENET_CHECKPOINT, lenet_markdown, lenet_table
 from prunekit.metrics import evaluate
 
 OFFICIAL = ROOT.parent / "shared" / "checkpoints" / LENET_CHECKPOINT

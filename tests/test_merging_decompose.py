@@ -9,7 +9,7 @@ from torch import nn
 from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply
 from prunekit.errors import ConfigError
 from prunekit.merging import BNStats, MergeOptions, merge, merge_plan, most_sim, most_sim_bn, prune_only
-from prunekit.merging.decompose import bn_scale_and_bias
+from prunekit.compensate.decompose import bn_scale_and_bias
 
 torch.set_num_threads(1)
 

@@ -1,22 +1,23 @@
 """Least-squares compensation: exact recovery cases, the ridge algebra, greedy selection, the engine's
-affine-merge shift, conv nets, and the ``lstsq`` method entry point (synthetic data only)."""
+refit records (output offsets into a bias or the following BN, whole-weight refits, save/load), conv nets,
+and the ``lstsq`` method entry point (synthetic data only)."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply
-from prunekit.errors import ConfigError
-from prunekit.merging import MergeOptions, merge
-from prunekit.merging.compensation import (
+from prunekit.compensate import (
     GroupStats,
     LstsqOptions,
     calibration_inputs,
-    compensate,
     fit_from_stats,
     greedy_select,
+    lstsq_plan,
 )
+from prunekit.engine import ChannelGraph, GroupPlan, Plan, PlanError, Refit, apply
+from prunekit.errors import ConfigError
+from prunekit.merging import MergeOptions, compensate, merge
 
 torch.set_num_threads(1)
 
@@ -26,22 +27,48 @@ def mlp(seed: int = 0) -> nn.Module:
     return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
 
 
-def test_shift_is_folded_into_linear_and_conv_biases():
+def test_refit_offsets_go_into_the_bias_or_the_following_batchnorm():
     model = mlp()
     graph = ChannelGraph.build(model, (1, 6))
     g = graph.group("0")
-    shift = torch.tensor([0.0, 0.0, 0.0, 1.5, -2.0])
-    plan = Plan([GroupPlan(group_id=g.id, keep=[0, 1, 2], size=5, shift=shift)])
+    offset = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    plan = Plan([GroupPlan(group_id=g.id, keep=[0, 1, 2], size=5)], refits=[Refit(module="2", offset=offset)])
     new = apply(model, graph, plan)
-    w = model[2].weight.detach()
-    assert torch.allclose(new[2].bias, model[2].bias + 1.5 * w[:, 3] - 2.0 * w[:, 4])
-    assert Plan.from_json(plan.to_json()) == plan and Plan.from_json(plan.to_json()).groups[0].shift.tolist() == \
-        shift.tolist()
-    conv = nn.Sequential(nn.Conv2d(1, 3, 1), nn.ReLU(), nn.Conv2d(3, 2, 2)).eval()
+    assert torch.equal(new[2].bias, model[2].bias.detach() + offset)  # 4 outputs, none pruned
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Conv2d(3, 2, 1)).eval()
+    with torch.no_grad():
+        conv[1].running_mean.copy_(torch.tensor([0.1, 0.2, 0.3]))
     cg = ChannelGraph.build(conv, (1, 1, 4, 4))
-    new = apply(conv, cg, Plan([GroupPlan(group_id=cg.group("0").id, keep=[0, 1], size=3,
-                                          shift=torch.tensor([0.0, 0.0, 0.5]))]))
-    assert torch.allclose(new[2].bias, conv[2].bias + 0.5 * conv[2].weight[:, 2].sum((1, 2)))
+    delta = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    new = apply(conv, cg, Plan(refits=[Refit(module="0", offset=delta, norm="1")]))
+    x = torch.randn(2, 1, 4, 4)
+    with torch.no_grad():  # BN(conv(x) + δ) with the old statistics == BN'(conv(x)) with μ' = μ − δ
+        want = conv[3](conv[2](conv[1](conv[0](x) + delta.float().view(1, 3, 1, 1))))
+        assert torch.allclose(new(x), want, atol=1e-6)
+    assert torch.allclose(new[1].running_mean, torch.tensor([0.1, 0.2, 0.3]) - delta.float())
+    with pytest.raises(PlanError, match="needs a bias"):  # a bias-free conv without its BN cannot take it
+        apply(conv, cg, Plan(refits=[Refit(module="0", offset=delta)]))
+
+
+def test_refit_weights_are_written_on_the_kept_rows_and_saved_with_the_plan(tmp_path):
+    model = mlp()
+    graph = ChannelGraph.build(model, (1, 6))
+    g0, g2 = graph.group("0"), graph.group("2")
+    w = torch.randn(4, 3, generator=torch.Generator().manual_seed(1))
+    b = torch.randn(4, generator=torch.Generator().manual_seed(2))
+    plan = Plan([GroupPlan(group_id=g0.id, keep=[1, 2, 4], size=5), GroupPlan(group_id=g2.id, keep=[0, 3], size=4)],
+                refits=[Refit(module="2", weight=w, bias=b, provenance={"ridge": 0.01})])
+    new = apply(model, graph, plan)
+    assert torch.equal(new[2].weight, w[[0, 3]]) and torch.equal(new[2].bias, b[[0, 3]])
+    assert new[4].weight.shape == (3, 2)
+    plan.save(tmp_path / "plan")
+    back = Plan.load(tmp_path / "plan")
+    assert back == plan and back.refits[0].provenance == {"ridge": 0.01}
+    assert Plan.from_json(plan.to_json()) == plan
+    bad = Plan(refits=[Refit(module="2", weight=torch.zeros(4, 5, 1))])
+    with pytest.raises(PlanError, match="shape"):
+        apply(model, graph, bad)
 
 
 def test_fit_from_stats_is_the_ridge_solution():
@@ -78,13 +105,12 @@ def test_lstsq_recovers_linear_dependencies_and_constants_exactly():
     graph = ChannelGraph.build(model, x[:1])
     g = graph.group("0")
     plan = Plan([GroupPlan(group_id=g.id, keep=[0, 1, 2], size=5)])
-    from prunekit.merging.compensation import lstsq_plan
-
     fitted, reports = lstsq_plan(model, graph, plan, x, LstsqOptions(calibration=400, ridge=0.0))
     assert reports[0]["intercept"] and reports[0]["rel_error"] < 1e-10 < reports[0]["rel_error_init"]
     m = fitted.groups[0].merge
     assert torch.allclose(m[3], torch.tensor([0.7, 1.3, 0.0], dtype=torch.float64), atol=1e-6)
-    assert fitted.groups[0].shift[4].item() == pytest.approx(0.8, abs=1e-6)
+    offset = fitted.refit("2").offset  # the intercept 0.8 on channel 4, seen through the consumer's weights
+    assert torch.allclose(offset, 0.8 * model[2].weight.detach().double()[:, 4], atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(apply(model, graph, fitted)(x), model(x), atol=1e-4)
 

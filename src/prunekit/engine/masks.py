@@ -17,22 +17,20 @@ from .plan import Plan
 @dataclass
 class PlanMasks:
     """``masks[g]``: bool (N_g,) per group of the graph (all True for groups the plan leaves whole);
-    ``merges`` / ``shifts``: the plan's merge matrices (N×P) and shifts (N,) by group id."""
+    ``merges``: the plan's merge matrices (N×P) by group id."""
 
     masks: list[np.ndarray]
     merges: dict[int, torch.Tensor] = field(default_factory=dict)
-    shifts: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def member_keep(self, member) -> np.ndarray:
         return member_keep(member, self.masks)
 
 
 def keep_masks(graph, plan: Plan) -> PlanMasks:
-    """Validate ``plan`` against ``graph`` (group ids, sizes, protected channels, merge/shift shapes and
+    """Validate ``plan`` against ``graph`` (group ids, sizes, protected channels, merge shapes and
     mergeability) and return its :class:`PlanMasks`. Raises :class:`PlanError` naming the group."""
     masks = [np.ones(g.size, dtype=bool) for g in graph.groups]
     merges: dict[int, torch.Tensor] = {}
-    shifts: dict[int, torch.Tensor] = {}
     seen: set[int] = set()
     for gp in plan.groups:
         if not 0 <= gp.group_id < len(graph.groups):
@@ -62,14 +60,7 @@ def keep_masks(graph, plan: Plan) -> PlanMasks:
                 raise PlanError(f"group {g.id} ('{g.name}'): merge must be {g.size}×{len(keep)}, "
                                 f"got {tuple(gp.merge.shape)}")
             merges[g.id] = gp.merge
-        if gp.shift is not None:
-            if not g.mergeable:
-                raise PlanError(f"group {g.id} ('{g.name}') is not mergeable (a shift is an affine merge): "
-                                f"{g.merge_reason}")
-            if gp.shift.numel() != g.size:
-                raise PlanError(f"group {g.id} ('{g.name}'): shift must have {g.size} values, got {gp.shift.numel()}")
-            shifts[g.id] = gp.shift
-    return PlanMasks(masks, merges, shifts)
+    return PlanMasks(masks, merges)
 
 
 def member_keep(member, masks: list[np.ndarray] | dict[int, np.ndarray]) -> np.ndarray:

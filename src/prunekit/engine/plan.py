@@ -6,12 +6,18 @@ the group's N channels survive (``keep``, P ascending indices) and optionally a 
 channel ``keep[p]``; surgery replaces every consumer's input weights by ``W ×_in M``, i.e.
 ``W_new[:, p] = Σ_n M[n, p] · W[:, n]``. Pure pruning is ``M[keep[p], p] = 1`` and zero rows elsewhere.
 
+A plan may also carry :class:`Refit` records: per consumer module, new parameters over its kept
+inputs (a whole-layer reconstruction) and/or a constant output offset, folded into the consumer's bias
+or into the BatchNorm that reads its output (``running_mean −= offset``). Deciders (``prunekit.compensate``)
+compute them; surgery writes them.
+
 A :class:`PruneRecord` is what surgery did, per module and role (``out``/``in``/``norm``): the kept
 indices. It is saved next to the weights and replayed onto a freshly built dense model
 (:func:`~prunekit.engine.surgery.replay`) before the weights are loaded.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,9 +62,9 @@ class GroupPlan:
         merge: optional M of shape (N, len(keep)); column p belongs to ``keep[p]``.
         size: N, the group's channel count (checked against the graph).
         criterion, ratio: how ``keep`` was chosen; ``provenance``: anything else (scores, seed, ...).
-        shift: optional (N,) offsets: the consumers' input of channel n is approximated by
-            ``(M x_kept)_n + shift_n`` (an affine merge, e.g. least-squares compensation with an
-            intercept); surgery folds ``W · shift`` into every consumer's bias.
+
+    A constant offset in the consumers' inputs (an affine merge) is not a group field: its effect on each
+    consumer's output is a :class:`Refit` ``offset`` of that consumer (one way to fold constants).
     """
 
     group_id: int
@@ -69,7 +75,6 @@ class GroupPlan:
     criterion: str | None = None
     ratio: float | None = None
     provenance: dict = field(default_factory=dict)
-    shift: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         keep = [int(k) for k in (self.keep.tolist() if isinstance(self.keep, torch.Tensor) else self.keep)]
@@ -83,11 +88,6 @@ class GroupPlan:
                 raise PlanError(f"group {self.group_id}: merge must be N×{len(keep)} (one column per kept "
                                 f"channel), got {tuple(m.shape)}")
             self.merge = m[:, order].contiguous() if order != list(range(len(keep))) else m
-        if self.shift is not None:
-            self.shift = torch.as_tensor(self.shift).reshape(-1)
-            if self.size is not None and self.shift.numel() != self.size:
-                raise PlanError(f"group {self.group_id}: shift must have one value per channel ({self.size}), "
-                                f"got {self.shift.numel()}")
 
     @classmethod
     def from_group(cls, group: Any, keep: Any, *, criterion: str | None = None, ratio: float | None = None,
@@ -101,6 +101,10 @@ class GroupPlan:
                             for m in group.members],
                    provenance={"name": group.name, "mergeable": group.mergeable, **provenance})
 
+    def replace(self, **changes: Any) -> GroupPlan:
+        """A copy with ``changes`` applied (e.g. ``merge=M``, ``keep=[...]``, ``provenance={...}``)."""
+        return dataclasses.replace(self, **changes)
+
     @property
     def pruned(self) -> int | None:
         return None if self.size is None else self.size - len(self.keep)
@@ -108,45 +112,133 @@ class GroupPlan:
     def to_dict(self) -> dict:
         return {"group_id": self.group_id, "keep": list(self.keep), "members": self.members,
                 "merge": _merge_to_json(self.merge), "size": self.size, "criterion": self.criterion,
-                "ratio": self.ratio, "provenance": self.provenance,
-                **({"shift": [float(v) for v in self.shift.tolist()]} if self.shift is not None else {})}
+                "ratio": self.ratio, "provenance": self.provenance}
 
     @classmethod
     def from_dict(cls, d: dict) -> GroupPlan:
-        shift = d.get("shift")
+        if d.get("shift") is not None:
+            raise PlanError(f"group {d.get('group_id')}: 'shift' is no longer a group field (an input offset is "
+                            "now a per-consumer Refit offset); recompute the plan")
+        merge = d.get("merge")
         return cls(group_id=int(d["group_id"]), keep=list(d["keep"]), members=list(d.get("members", [])),
-                   merge=_merge_from_json(d.get("merge")), size=d.get("size"), criterion=d.get("criterion"),
-                   ratio=d.get("ratio"), provenance=dict(d.get("provenance") or {}),
-                   shift=None if shift is None else torch.tensor(shift, dtype=torch.float64))
+                   merge=merge if isinstance(merge, torch.Tensor) else _merge_from_json(merge), size=d.get("size"),
+                   criterion=d.get("criterion"), ratio=d.get("ratio"), provenance=dict(d.get("provenance") or {}))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GroupPlan):
             return NotImplemented
         a, b = self.to_dict(), other.to_dict()
         ma, mb = a.pop("merge"), b.pop("merge")
-        sa, sb = a.pop("shift", None), b.pop("shift", None)
-        if (sa is None) != (sb is None) or (sa is not None and not torch.equal(
-                self.shift.double(), other.shift.double())):
-            return False
         same_merge = (self.merge is None and other.merge is None) or (
             self.merge is not None and other.merge is not None and self.merge.shape == other.merge.shape
             and torch.equal(self.merge, other.merge.to(self.merge.dtype)))
         return a == b and same_merge and (ma is None) == (mb is None)
 
 
+def _tensor_to_json(t: torch.Tensor | None) -> dict | None:
+    if t is None:
+        return None
+    return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "values": [float(v) for v in t.detach().reshape(-1).tolist()]}
+
+
+def _tensor_from_json(d: dict | None) -> torch.Tensor | None:
+    if d is None:
+        return None
+    return torch.tensor(d["values"], dtype=getattr(torch, d.get("dtype", "float32"))).reshape(d["shape"])
+
+
+_REFIT_TENSORS = ("weight", "bias", "offset")
+
+
+@dataclass(eq=False, kw_only=True)
+class Refit:
+    """New parameters for one consumer module, written by surgery after the plan's slicing and merges.
+
+    Shapes are over the consumer's *original* outputs (O) and its inputs *after* the plan (I'); surgery
+    keeps the rows of the outputs the plan keeps.
+
+    Attributes:
+        module: the consumer's qualified name.
+        weight: (O, I', *kernel) replaces the weight (a whole-layer refit), or None.
+        bias: (O,) replaces the bias (the module must have one), or None.
+        offset: (O,) a constant added to the module's output — into its bias, or, when ``norm`` is set,
+            folded into that BatchNorm: ``running_mean −= offset`` (exact in eval mode).
+        norm: name of the BatchNorm that alone reads this module's output (for ``offset``).
+        provenance: how it was computed (errors, ridge, samples, ...).
+    """
+
+    module: str
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    norm: str | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in _REFIT_TENSORS:
+            v = getattr(self, name)
+            if v is not None:
+                v = torch.as_tensor(v).detach()
+                if name != "weight":
+                    v = v.reshape(-1)
+                setattr(self, name, v)
+        if self.weight is None and self.bias is None and self.offset is None:
+            raise PlanError(f"refit of '{self.module}' sets nothing (give weight, bias or offset)")
+        if self.norm is not None and self.offset is None:
+            raise PlanError(f"refit of '{self.module}' names norm '{self.norm}' but has no offset to fold")
+
+    def to_dict(self, tensors: bool = True) -> dict:
+        d = {"module": self.module, "norm": self.norm, "provenance": self.provenance}
+        for name in _REFIT_TENSORS:
+            v = getattr(self, name)
+            d[name] = _tensor_to_json(v) if tensors else v
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Refit:
+        vals = {n: (d.get(n) if isinstance(d.get(n), torch.Tensor) or d.get(n) is None else _tensor_from_json(d[n]))
+                for n in _REFIT_TENSORS}
+        return cls(module=str(d["module"]), norm=d.get("norm"), provenance=dict(d.get("provenance") or {}), **vals)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Refit):
+            return NotImplemented
+        if (self.module, self.norm, self.provenance) != (other.module, other.norm, other.provenance):
+            return False
+        for name in _REFIT_TENSORS:
+            a, b = getattr(self, name), getattr(other, name)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b.to(a.dtype))):
+                return False
+        return True
+
+
 @dataclass
 class Plan:
-    """Per-group decisions; groups not listed keep every channel. ``meta``: global provenance."""
+    """Per-group decisions; groups not listed keep every channel. ``refits``: per-consumer new parameters
+    (:class:`Refit`), applied after the groups. ``meta``: global provenance."""
 
     groups: list[GroupPlan] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    refits: list[Refit] = field(default_factory=list)
 
     def group(self, group_id: int) -> GroupPlan | None:
         return next((g for g in self.groups if g.group_id == group_id), None)
 
+    def refit(self, module: str) -> Refit | None:
+        return next((r for r in self.refits if r.module == module), None)
+
+    def with_refits(self, refits: list[Refit], **meta: Any) -> Plan:
+        """A copy with ``refits`` added (a later refit of the same module replaces an earlier one)."""
+        names = {r.module for r in refits}
+        return Plan(groups=list(self.groups), meta={**self.meta, **meta},
+                    refits=[r for r in self.refits if r.module not in names] + list(refits))
+
     def to_dict(self) -> dict:
-        return {"format": PLAN_FORMAT, "version": 1, "meta": self.meta,
-                "groups": [g.to_dict() for g in self.groups]}
+        d = {"format": PLAN_FORMAT, "version": 1, "meta": self.meta, "groups": [g.to_dict() for g in self.groups]}
+        if self.refits:
+            d["refits"] = [r.to_dict() for r in self.refits]
+        return d
 
     def to_json(self, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -155,7 +247,29 @@ class Plan:
     def from_dict(cls, d: dict) -> Plan:
         if d.get("format") != PLAN_FORMAT:
             raise PlanError(f"not a prunekit plan (format={d.get('format')!r})")
-        return cls(groups=[GroupPlan.from_dict(g) for g in d.get("groups", [])], meta=dict(d.get("meta") or {}))
+        return cls(groups=[GroupPlan.from_dict(g) for g in d.get("groups", [])], meta=dict(d.get("meta") or {}),
+                   refits=[Refit.from_dict(r) for r in d.get("refits") or []])
+
+    def save(self, stem: Any) -> Any:
+        """Write ``<stem>.json`` (plain data) + ``<stem>.safetensors`` (merge matrices, refit tensors), atomically (:func:`prunekit.io.save_state`). Returns the stem."""
+        from ..io.state import save_state
+
+        groups = [{**g.to_dict(), "merge": g.merge} for g in self.groups]
+        doc = {"format": PLAN_FORMAT, "version": 1, "meta": self.meta, "groups": groups,
+               "refits": [r.to_dict(tensors=False) for r in self.refits]}
+        return save_state(stem, doc)
+
+    @classmethod
+    def load(cls, stem: Any) -> Plan:
+        """Read what :meth:`save` wrote (no pickle; a corrupt or mismatched pair raises CheckpointError)."""
+        from ..io.state import load_state
+
+        doc = load_state(stem)
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{stem}: not a saved prunekit plan")
+        groups = [GroupPlan.from_dict(gd) for gd in doc.get("groups", [])]
+        return cls(groups=groups, meta=dict(doc.get("meta") or {}),
+                   refits=[Refit.from_dict(r) for r in doc.get("refits") or []])
 
     @classmethod
     def from_json(cls, text: str | dict) -> Plan:
@@ -166,6 +280,9 @@ class Plan:
         for g in self.groups:
             m = " +merge" if g.merge is not None else ""
             lines.append(f"  #{g.group_id}: keep {len(g.keep)}/{g.size}{m}")
+        for r in self.refits:
+            what = [n for n in _REFIT_TENSORS if getattr(r, n) is not None]
+            lines.append(f"  refit {r.module}: {'+'.join(what)}" + (f" → {r.norm}" if r.norm else ""))
         return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ from torch import nn
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .graph import TensorInfo, TraceContext
+    from .channels import TensorInfo
+    from .context import TraceContext
 
 LAYER_RULES: Registry = Registry("layer rule")
 _BY_TYPE: dict[type, LayerRule] = {}
@@ -135,9 +136,17 @@ class LayerRule:
         ``E`` (in_old × in_new) may be a sparse COO tensor."""
         raise NotImplementedError(f"{type(self).__name__} cannot absorb a merge matrix")
 
-    def shift_in(self, module: nn.Module, v: torch.Tensor) -> None:
-        """Fold a constant input offset ``v`` (in_channels,) into the bias: ``b += W · v``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot absorb an input shift")
+    def set_weights(self, module: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None) -> None:
+        """Replace the weight and/or bias by tensors of the same shapes (a reconstruction refit)."""
+        raise NotImplementedError(f"{type(self).__name__} has no weights to refit")
+
+    def add_output_offset(self, module: nn.Module, v: torch.Tensor) -> None:
+        """Add the constant ``v`` (out_channels,) to every output: ``b += v``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot absorb an output offset")
+
+    def absorb_input_offset(self, module: nn.Module, v: torch.Tensor) -> None:
+        """Make ``module(x)`` equal what it gave for ``x + v`` (v per channel), e.g. BN: ``μ −= v``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot absorb an input offset")
 
     def rows(self, module: nn.Module, include_bias: bool = False) -> torch.Tensor:
         """Producer rows, shape (out_channels, F): what l1/l2/GM criteria measure."""
@@ -178,11 +187,20 @@ class WeightRule(LayerRule):
             _zero(m, ("weight",), self.OUT_DIM, idx)
             _zero(m, ("bias",), 0, idx)
 
-    def shift_in(self, m, v):
-        """Fold a constant input offset ``v`` (I,) into the bias: b += Σ_k W[:, :, k] · v."""
-        _check(getattr(m, "groups", 1) == 1 and m.bias is not None, m, "an input shift needs groups=1 and a bias")
-        w = m.weight.detach().movedim(self.OUT_DIM, 0)
-        _set_param(m, "bias", m.bias.detach() + w.reshape(w.shape[0], w.shape[1], -1).sum(2) @ v.to(w))
+    def set_weights(self, m, weight, bias):
+        for name, value in (("weight", weight), ("bias", bias)):
+            if value is None:
+                continue
+            old = getattr(m, name, None)
+            _check(old is not None, m, f"a refit gives a {name} but the module has none")
+            _check(tuple(value.shape) == tuple(old.shape), m,
+                   f"refit {name} has shape {tuple(value.shape)}, the module's is {tuple(old.shape)}")
+            _set_param(m, name, value.to(old))
+
+    def add_output_offset(self, m, v):
+        _check(m.bias is not None, m, "an output offset needs a bias (or a BatchNorm right after the layer)")
+        _check(v.numel() == m.bias.numel(), m, f"output offset has {v.numel()} values, the bias {m.bias.numel()}")
+        _set_param(m, "bias", m.bias.detach() + v.reshape(-1).to(m.bias))
 
     def rows(self, m, include_bias=False):
         """One row per output unit: (O, I·k), or (O, I·k + 1) with the bias appended."""
@@ -407,6 +425,13 @@ class BatchNormRule(ChannelWiseRule):
                          attr="num_features", dim=1, scale_param="weight")
 
     keeps_raw = True
+
+    def absorb_input_offset(self, m, v):
+        """Eval-mode BN(x + v) = γ (x − (μ − v)) / σ + β: fold ``v`` into the running mean."""
+        _check(m.running_mean is not None, m, "an input offset needs running statistics (track_running_stats)")
+        _check(v.numel() == m.running_mean.numel(), m,
+               f"input offset has {v.numel()} values, the norm {m.running_mean.numel()} channels")
+        _set_buffer(m, "running_mean", m.running_mean - v.reshape(-1).to(m.running_mean))
 
     def check_mergeable(self, ctx, name, module, chan):
         if not chan.raw:

@@ -9,9 +9,9 @@ consumer reading a group with a merge matrix M (N × P) gets
 
 where ``ch(j)`` is the group channel of input index ``j`` and ``pos(j)`` its offset in the channel's
 block (flatten → Linear: each channel owns H·W consecutive features, so E = M ⊗ I_{HW}).
-A group's optional ``shift`` (an affine merge, x_n ≈ (M x_kept)_n + shift_n) is folded into each
-consumer's bias before its columns change: ``b += Σ_j W[:, j, ...] · shift(ch(j))`` (conv: summed over
-kernel taps, exact away from zero-padded borders).
+After every group, the plan's :class:`~prunekit.engine.plan.Refit` records are written: a consumer's new
+weight/bias (rows of the kept outputs), and a constant output offset added to its bias or folded into the
+BatchNorm that reads its output (``running_mean −= offset``).
 Module attributes (``out_channels``, ``in_features``, ``groups``, ``num_features``, ...) are updated, so
 the result has the same classes, is physically smaller, and ``repr`` shows the new sizes.
 """
@@ -25,23 +25,14 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..runtime import eval_mode
+from .capture import shape_tree as _shape_tree
+from .channels import Member
 from .errors import PlanError, SurgeryError
-from .graph import ChannelGraph, Member, _EvalMode, _shape_tree
+from .graph import ChannelGraph
 from .masks import keep_masks, member_keep
 from .plan import Plan, PruneRecord
 from .rules import find_rule
-
-
-def _shift_vector(m: Member, shifts: dict[int, torch.Tensor]) -> torch.Tensor | None:
-    """Per input index of consumer member ``m``: the shift of its group channel (0 elsewhere)."""
-    touched = [gid for gid in shifts if (m.group == gid).any()]
-    if not touched:
-        return None
-    v = torch.zeros(len(m), dtype=torch.float64)
-    for gid in touched:
-        sel = np.nonzero(m.group == gid)[0]
-        v[torch.from_numpy(sel)] = shifts[gid].detach().double().cpu()[torch.from_numpy(m.channel[sel])]
-    return v
 
 
 def _merge_matrix(m: Member, keep: np.ndarray, masks: list[np.ndarray], merges: dict[int, torch.Tensor],
@@ -98,7 +89,7 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     give outputs of the same shapes, else :class:`SurgeryError`.
     """
     pm = keep_masks(graph, plan)
-    masks, merges, shifts = pm.masks, pm.merges, pm.shifts
+    masks, merges = pm.masks, pm.merges
     new = copy.deepcopy(model)
     step: dict[str, dict[str, Any]] = {}
     for m in graph.members:
@@ -111,13 +102,6 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
         if not keep.any():
             raise PlanError(f"plan removes every {m.role}-channel of module '{m.module}' ({m.kind})")
         merging = m.role == "in" and bool(np.isin(m.group, list(merges)).any())
-        shift = _shift_vector(m, shifts) if m.role == "in" else None
-        if shift is not None:  # before merge_in: the offsets are in the old input channels
-            try:
-                rule.shift_in(module, shift)
-            except NotImplementedError as e:
-                raise PlanError(f"consumer '{m.module}' ({m.kind}) cannot absorb the shift of its input "
-                                f"group: {e}") from e
         if keep.all() and not merging:
             continue
         idx = torch.from_numpy(np.nonzero(keep)[0])
@@ -127,6 +111,8 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
             rule.prune(module, m.role, idx)
         entry = step.setdefault(m.module, {"type": type(module).__name__})
         entry[m.role] = idx.tolist()
+    for refit in plan.refits:
+        _apply_refit(new, graph, masks, refit)
     shapes = {name: _module_shapes(new.get_submodule(name)) for name in step}
     base = getattr(model, "prunekit_record", None)
     base = base if isinstance(base, PruneRecord) else PruneRecord()
@@ -136,10 +122,45 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     return new
 
 
+def _out_rows(graph: ChannelGraph, masks: list[np.ndarray], module: str, n: int) -> torch.Tensor:
+    """Indices of ``module``'s kept outputs (all ``n`` when its outputs are in no group)."""
+    member = graph.member(module, "out")
+    keep = member_keep(member, masks) if member is not None else np.ones(n, dtype=bool)
+    if len(keep) != n:
+        raise PlanError(f"refit of '{module}' has {n} output rows, the graph records {len(keep)} outputs")
+    return torch.from_numpy(np.nonzero(keep)[0])
+
+
+def _apply_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], refit: Any) -> None:
+    """Write one :class:`Refit` into the already sliced ``model`` (rows: the kept outputs)."""
+    try:
+        module = model.get_submodule(refit.module)
+    except AttributeError:
+        raise PlanError(f"refit names module '{refit.module}', which the model does not have") from None
+    rule = find_rule(type(module))
+    if rule is None:
+        raise PlanError(f"refit of '{refit.module}' ({type(module).__name__}): no channel rule can write it")
+    tensors = [t for t in (refit.weight, refit.bias, refit.offset) if t is not None]
+    rows = _out_rows(graph, masks, refit.module, tensors[0].shape[0])
+    if any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+        raise PlanError(f"refit of '{refit.module}': weight, bias and offset disagree on the output count")
+    pick = (lambda t: None if t is None else t.index_select(0, rows))
+    try:
+        if refit.weight is not None or refit.bias is not None:
+            rule.set_weights(module, pick(refit.weight), pick(refit.bias))
+        if refit.offset is not None and refit.norm is not None:
+            norm = model.get_submodule(refit.norm)
+            find_rule(type(norm)).absorb_input_offset(norm, pick(refit.offset))
+        elif refit.offset is not None:
+            rule.add_output_offset(module, pick(refit.offset))
+    except (NotImplementedError, SurgeryError) as e:
+        raise PlanError(f"refit of '{refit.module}' cannot be written: {e}") from e
+
+
 def _verify(model: nn.Module, graph: ChannelGraph) -> None:
     args, kwargs = graph.example_inputs
     try:
-        with _EvalMode(model):
+        with eval_mode(model):
             out = model(*args, **kwargs)
     except Exception as e:
         raise SurgeryError(f"the pruned {type(model).__name__} fails on the example inputs: "

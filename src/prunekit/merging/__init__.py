@@ -6,25 +6,33 @@
 >>> small = compensate(model, (1, 1, 28, 28), train_set, LstsqOptions(calibration=1000),
 ...                    MergeOptions(ratio=0.7)).model
 
-* :mod:`.decompose` — Algorithms 1–3 (MostSim, MostSim+BN; exact or the official BN formulas), vectorised;
 * :mod:`.core` — :func:`merge`: survivors (general mode or preset), merge matrices per group, surgery;
+  :func:`compensate`: the same survivors with least-squares matrices;
 * :mod:`.presets` — the official per-architecture pipelines (LeNet-300-100, VGG-16 C10/C100, ResNet, WRN);
-* :mod:`.compensation` — :func:`compensate`: ridge least-squares merge matrices from unlabeled inputs;
-* :mod:`.method` — the ``merge`` / ``lstsq`` methods of ``prunekit prune``;
-* :mod:`.studies` — ``prunekit reproduce nm-*``.
+* :mod:`.method` — the ``merge`` / ``lstsq`` methods of ``prunekit prune``.
+
+The matrices themselves (MostSim, MostSim+BN, least squares) live in :mod:`prunekit.compensate`.
 """
-from .compensation import LstsqOptions, compensate, lstsq_plan
+from ..compensate import (
+    BNStats,
+    Decomposition,
+    LstsqOptions,
+    decompose_group,
+    layer_view,
+    lstsq_plan,
+    most_sim,
+    most_sim_bn,
+    prune_only,
+)
 from .core import (
     MergeOptions,
     MergeResult,
-    decompose_group,
-    layer_view,
+    compensate,
     merge,
     merge_plan,
     plan_for_widths,
     select,
 )
-from .decompose import BNStats, Decomposition, most_sim, most_sim_bn, prune_only
 from .presets import Preset, get_preset, list_presets, register_preset
 
 __all__ = ["BNStats", "Decomposition", "LstsqOptions", "MergeOptions", "MergeResult", "Preset", "compensate",

@@ -8,7 +8,7 @@
    (:mod:`prunekit.merging.presets`: fixed survivors per layer);
 2. **decompose** — for every group the engine marks mergeable, Algorithm 1 with MostSim (no BN) or
    MostSim+BN (producer → BatchNorm) on the group's *original* weights (all decisions read the
-   unmodified model, spec §6 "decision order");
+   unmodified model);
 3. **apply** — :func:`prunekit.engine.apply` slices producers/norms and writes ``W ×_in M`` into the
    consumers. Groups that are not mergeable (residual streams, concat, non-homogeneous ops) are
    pruned and the report says why.
@@ -27,17 +27,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..engine import ChannelGraph, GroupPlan, Plan, ScoreContext, apply, find_rule, get_criterion, make_plan
-from ..engine.graph import Group
+from ..compensate.lstsq import LstsqOptions, lstsq_plan
+from ..compensate.neuron_merging import (
+    DEFAULT_BN_THRESHOLD,
+    DEFAULT_FC_THRESHOLD,
+    DEFAULT_LAM,
+    MatrixOptions,
+    decompose_group,
+    group_report,
+    pruned_only,
+)
+from ..engine import ChannelGraph, GroupPlan, Plan, ScoreContext, apply, get_criterion, make_plan
 from ..errors import ConfigError
-from .decompose import BN_SCALES, NEGATIVE, BNStats, Decomposition, most_sim, most_sim_bn
 from .presets import get_preset
 
 MODEL_TYPES = ("original", "prune", "merge")
-#: per-layer threshold defaults of the official scripts (spec §8.4) when none is given
-DEFAULT_FC_THRESHOLD = 0.45
-DEFAULT_BN_THRESHOLD = 0.1
-DEFAULT_LAM = 0.85
 
 
 @dataclass(frozen=True)
@@ -77,12 +81,8 @@ class MergeOptions:
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ConfigError(f"model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}")
-        if self.bn_scale not in BN_SCALES:
-            raise ConfigError(f"bn_scale must be one of {list(BN_SCALES)}, got {self.bn_scale!r}")
-        if self.negative not in NEGATIVE:
-            raise ConfigError(f"negative must be one of {list(NEGATIVE)}, got {self.negative!r}")
-        if self.lam is not None and not 0.0 <= float(self.lam) <= 1.0:
-            raise ConfigError(f"lam must be in [0, 1], got {self.lam!r}")
+        MatrixOptions(bn_scale=self.bn_scale, negative=self.negative,
+                      lam=DEFAULT_LAM if self.lam is None else float(self.lam))  # validates them
         if self.threshold is not None and not -1.0 <= float(self.threshold) <= 1.0:
             raise ConfigError(f"threshold must be a cosine in [-1, 1] (0: no threshold), got {self.threshold!r}")
         if self.preset is not None:
@@ -105,6 +105,12 @@ class MergeOptions:
             return float(self.lam)
         return get_preset(self.preset).lam if self.preset is not None else DEFAULT_LAM
 
+    def matrix_options(self) -> MatrixOptions:
+        """The per-group merge-matrix options these settings imply (thresholds, λ from the preset)."""
+        t_fc, t_bn = self.thresholds()
+        return MatrixOptions(threshold_fc=t_fc, threshold_bn=t_bn, lam=self.lam_value(), bn_scale=self.bn_scale,
+                             negative=self.negative)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["overrides"] = dict(self.overrides) if self.overrides else None
@@ -120,79 +126,6 @@ class MergeResult:
     plan: Plan | None
     graph: ChannelGraph | None
     report: dict[str, Any] = field(default_factory=dict)
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a group's layer (producer rows, bias, the BatchNorm right after it)
-
-
-@dataclass
-class LayerView:
-    """The producer side of one single-producer group, in group-channel order.
-
-    ``rows`` (N, F) float64 producer rows without bias; ``bias`` (N,) or None; ``bn`` the BatchNorm right
-    after the producer (or None); ``why_not`` a reason when MostSim cannot run on this group.
-    """
-
-    producer: str
-    rows: torch.Tensor
-    bias: torch.Tensor | None
-    bn: BNStats | None
-    norm: str | None
-    why_not: str | None = None
-
-    def vectors(self) -> torch.Tensor:
-        """MostSim vectors: ``[w | b]`` without BN (Alg. 2), the filters only with BN (Alg. 3)."""
-        if self.bn is None and self.bias is not None:
-            return torch.cat([self.rows.double(), self.bias[:, None]], 1)
-        return self.rows
-
-
-def _by_channel(values: torch.Tensor, channels: np.ndarray, n: int) -> torch.Tensor:
-    if len(channels) == n and bool((channels == np.arange(n)).all()):
-        return values
-    out = torch.zeros((n, *values.shape[1:]), dtype=values.dtype)
-    out[torch.from_numpy(channels)] = values
-    return out
-
-
-def layer_view(model: nn.Module, graph: ChannelGraph, group: Group | int) -> LayerView:
-    """Read the producer and BatchNorm of a (mergeable) group from the unmodified ``model``."""
-    g = graph.groups[group] if isinstance(group, int) else group
-    prods = [m for m in g.members if m.role == "out" and m.fresh]
-    if len(prods) != 1:
-        raise ConfigError(f"group '{g.name}' has {len(prods)} producers; MostSim needs exactly one")
-    pm = prods[0]
-    module = model.get_submodule(pm.module)
-    rule = find_rule(type(module))
-    sel = pm.indices(g.id)
-    rows = rule.rows(module, False).detach()
-    rows = (rows if len(sel) == rows.shape[0] else rows[torch.from_numpy(sel)]).cpu()
-    rows = _by_channel(rows, pm.channel[sel], g.size)
-    bias = getattr(module, "bias", None)
-    bias = None if not isinstance(bias, torch.Tensor) else _by_channel(
-        bias.detach().double().cpu()[torch.from_numpy(sel)], pm.channel[sel], g.size)
-    norms = [m for m in g.members if m.role == "norm"]
-    if not norms:
-        return LayerView(pm.module, rows, bias, None, None)
-    if len(norms) > 1:
-        return LayerView(pm.module, rows, bias, None, None,
-                         why_not=f"{len(norms)} norm layers after '{pm.module}' (MostSim+BN needs one)")
-    nm = norms[0]
-    bn_module = model.get_submodule(nm.module)
-    if not isinstance(bn_module, nn.modules.batchnorm._BatchNorm):
-        return LayerView(pm.module, rows, bias, None, nm.module,
-                         why_not=f"'{nm.module}' ({type(bn_module).__name__}) is not a BatchNorm")
-    try:
-        stats = BNStats.from_module(bn_module)
-    except ConfigError as e:
-        return LayerView(pm.module, rows, bias, None, nm.module, why_not=f"'{nm.module}': {e}")
-    nsel = nm.indices(g.id)
-    idx = torch.from_numpy(nsel)
-    ch = nm.channel[nsel]
-    stats = BNStats(*(_by_channel(t[idx], ch, g.size) for t in (stats.gamma, stats.beta, stats.mean, stats.var)),
-                    eps=stats.eps)
-    return LayerView(pm.module, rows, bias, stats.fold_bias(bias), nm.module)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,11 +161,7 @@ def plan_for_widths(model: nn.Module, graph: ChannelGraph, widths: Mapping[str, 
         if not 1 <= int(p) <= len(cand):
             raise ConfigError(f"width {p} for '{name}' is outside [1, {len(cand)}] (its prunable channels)")
         keep = sorted(set(_top(fn(ctx, g), cand, int(p))) | set(g.blocked))
-        groups.append(GroupPlan(group_id=g.id, keep=keep, size=g.size, criterion=criterion,
-                                ratio=1 - len(keep) / g.size,
-                                members=[{"module": m.module, "role": m.role, "size": len(m.indices(g.id))}
-                                         for m in g.members],
-                                provenance={"name": g.name, "width": int(p), "mergeable": g.mergeable}))
+        groups.append(GroupPlan.from_group(g, keep, criterion=criterion, width=int(p)))
     return Plan(groups=sorted(groups, key=lambda gp: gp.group_id),
                 meta={"criterion": criterion, "widths": dict(widths), "include_bias": include_bias, "seed": seed})
 
@@ -252,56 +181,23 @@ def select(model: nn.Module, graph: ChannelGraph, options: MergeOptions) -> Plan
     return plan
 
 
-# ----------------------------------------------------------------------------------------------
-# decomposition of every group
-
-
-def decompose_group(model: nn.Module, graph: ChannelGraph, gp: GroupPlan,
-                    options: MergeOptions) -> tuple[Decomposition | None, dict[str, Any]]:
-    """Algorithm 1 for one planned group; ``(None, report)`` when the group can only be pruned."""
-    g = graph.groups[gp.group_id]
-    report: dict[str, Any] = {"group": g.id, "name": g.name, "size": g.size, "kept": len(gp.keep),
-                              "removed": g.size - len(gp.keep), "mergeable": g.mergeable}
-    removed = report["removed"]
-    if removed == 0:
-        return None, {**report, "action": "kept", "merged": 0, "pruned": 0}
-    if options.model_type == "prune":
-        return None, {**report, "action": "pruned", "reason": "model_type=prune", "merged": 0, "pruned": removed}
-    if not g.mergeable:
-        return None, {**report, "action": "pruned", "reason": f"not mergeable: {g.merge_reason}", "merged": 0,
-                      "pruned": removed}
-    view = layer_view(model, graph, g)
-    if view.why_not is not None:
-        return None, {**report, "action": "pruned", "reason": view.why_not, "merged": 0, "pruned": removed}
-    t_fc, t_bn = options.thresholds()
-    if view.bn is None:
-        dec = most_sim(view.vectors(), gp.keep, threshold=t_fc, negative=options.negative)
-        algo = {"algorithm": "mostsim", "threshold": t_fc}
-    else:
-        dec = most_sim_bn(view.vectors(), gp.keep, view.bn, lam=options.lam_value(), threshold=t_bn,
-                          bn_scale=options.bn_scale, negative=options.negative)
-        algo = {"algorithm": "mostsim-bn", "threshold": t_bn, "lam": options.lam_value(),
-                "bn_scale": options.bn_scale, "norm": view.norm}
-    stats = dec.stats()
-    action = "merged" if stats["merged"] else "pruned"
-    out = {**report, "action": action, **algo, **stats, "pruned": removed - stats["merged"]}
-    if not stats["merged"]:
-        out["reason"] = "no pruned channel passed the threshold/sign tests"
-    return dec, out
-
-
 def merge_plan(model: nn.Module, graph: ChannelGraph, plan: Plan,
                options: MergeOptions) -> tuple[Plan, list[dict[str, Any]]]:
     """Add Neuron Merging matrices to ``plan`` (a plan of survivors); returns the new plan and one
     report per planned group. The model is only read."""
     groups, reports = [], []
+    matrix_options = options.matrix_options()
     for gp in plan.groups:
-        dec, rep = decompose_group(model, graph, gp, options)
+        if options.model_type == "prune":
+            dec, rep = None, group_report(graph, gp)
+            rep = pruned_only(rep, "model_type=prune") if rep["removed"] else {
+                **rep, "action": "kept", "merged": 0, "pruned": 0}
+        else:
+            dec, rep = decompose_group(model, graph, gp, matrix_options)
         reports.append(rep)
         merge = dec.merge if dec is not None and bool(dec.merged.any()) else None
         prov = {**gp.provenance, "nm": {k: v for k, v in rep.items() if k not in ("group", "name", "size")}}
-        groups.append(GroupPlan(group_id=gp.group_id, keep=list(gp.keep), members=gp.members, merge=merge,
-                                size=gp.size, criterion=gp.criterion, ratio=gp.ratio, provenance=prov))
+        groups.append(gp.replace(merge=merge, provenance=prov))
     meta = {**plan.meta, "method": "neuron-merging", "model_type": options.model_type,
             "bn_scale": options.bn_scale, "threshold": options.threshold, "lam": options.lam}
     return Plan(groups=groups, meta=meta), reports
@@ -344,3 +240,24 @@ def merge(model: nn.Module, example_inputs: Any, options: MergeOptions | None = 
     new = apply(model, graph, plan)
     new.prunekit_plan = plan
     return MergeResult(new, plan, graph, {"options": options.to_dict(), "groups": reports, **summarize(reports)})
+
+
+def compensate(model: nn.Module, example_inputs: Any, data: Any, options: LstsqOptions | None = None,
+               merge_options: MergeOptions | None = None, *, graph: ChannelGraph | None = None,
+               progress: bool = False, **kw: Any) -> MergeResult:
+    """The ``lstsq`` method in one call: survivors as :func:`merge` would choose them (``merge_options``:
+    ratio, criterion, preset, ...), then least-squares merge matrices fitted on ``options.calibration``
+    inputs drawn from ``data`` (:func:`prunekit.compensate.lstsq_plan`). Keyword arguments override
+    ``options``. Returns a :class:`MergeResult` (model, plan, graph, report)."""
+    options = (options or LstsqOptions()).replace(**kw) if kw else (options or LstsqOptions())
+    merge_options = merge_options or MergeOptions()
+    if graph is None:
+        graph = ChannelGraph.build(model, example_inputs, ignored=list(merge_options.ignored or ()) or None)
+    plan = select(model, graph, merge_options)
+    plan, reports = lstsq_plan(model, graph, plan, data, options, matrix_options=merge_options.matrix_options(),
+                               progress=progress)
+    new = apply(model, graph, plan)
+    new.prunekit_plan = plan
+    report = {"options": {**merge_options.to_dict(), "model_type": "lstsq"}, "lstsq": options.to_dict(),
+              "groups": reports, **summarize(reports)}
+    return MergeResult(new, plan, graph, report)

@@ -19,10 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..compensate import LstsqOptions
 from ..errors import ConfigError
 from ..methods import MethodResult, PruneOptions, register_method
-from .compensation import LstsqOptions, compensate
-from .core import MergeOptions, merge
+from .core import MergeOptions, compensate, merge
 
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..compensate import constant_refits
 from ..engine import ChannelGraph, GroupPlan, Plan, apply
 from ..engine.rules import find_rule
 from ..errors import ConfigError
@@ -67,7 +68,7 @@ class PolarizationOptions:
         bins: histogram bins on [0, 1] (100 = the paper's bin width 0.01).
         min_keep: channels every group keeps at least (the largest factors).
         compensate: fold the constant output of removed channels (``act(β)`` when γ = 0) into the
-            consumers' following BN / bias (:mod:`prunekit.polarization.compensate`).
+            consumers' following BN / bias (:mod:`prunekit.compensate.constants`).
     """
 
     threshold: str | float = "auto"
@@ -226,12 +227,9 @@ def polarization_plan(model: nn.Module, graph: ChannelGraph,
         removed += n_removed
         prunable += len(f.values)
         thresholds[f.name] = thr.threshold
-        groups.append(GroupPlan(
-            group_id=g.id, keep=keep, size=g.size, criterion="polarization",
-            ratio=n_removed / max(len(f.values), 1),
-            members=[{"module": m.module, "role": m.role, "size": len(m.indices(g.id))} for m in g.members],
-            provenance={"name": g.name, "threshold": thr.threshold, "source": thr.source, "found": thr.found,
-                        "combine": opt.combine, "factors": f.members}))
+        groups.append(GroupPlan.from_group(
+            g, keep, criterion="polarization", ratio=n_removed / max(len(f.values), 1), threshold=thr.threshold,
+            source=thr.source, found=thr.found, combine=opt.combine, factors=f.members))
     thr_mode = mode if isinstance(mode, str) else "value"
     meta = {"method": "polarization", "threshold": thr_mode, "combine": opt.combine, "fallback": opt.fallback,
             "bins": opt.bins}
@@ -252,16 +250,13 @@ def polarization_plan(model: nn.Module, graph: ChannelGraph,
 
 def apply_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, example_inputs: Any = None, *,
                compensate: bool = True, verify: bool = True) -> tuple[nn.Module, dict[str, Any]]:
-    """``engine.apply`` plus, with ``compensate``, the data-free fold of the removed channels' constant
-    output (:mod:`~prunekit.polarization.compensate`). Returns the pruned copy and a summary."""
-    from .compensate import fold_offsets, followers, removed_offsets
-
-    pruned = apply(model, graph, plan, verify=verify)
+    """``engine.apply`` of ``plan`` plus, with ``compensate``, the data-free fold of the removed channels'
+    constant output (:func:`prunekit.compensate.constant_refits`, applied by surgery). Returns the pruned
+    copy and a summary ``{"compensated": n consumers, "not_compensated": [names]}``."""
     if not compensate:
-        return pruned, {"compensated": 0, "not_compensated": []}
-    offsets = removed_offsets(model, graph, plan, example_inputs)
-    info = fold_offsets(pruned, graph, plan, offsets, followers(model))
-    return pruned, {"compensated": len(info["compensated"]), "not_compensated": info["not_compensated"]}
+        return apply(model, graph, plan, verify=verify), {"compensated": 0, "not_compensated": []}
+    fold = constant_refits(model, graph, plan, example_inputs)
+    return apply(model, graph, plan.with_refits(fold.refits), verify=verify), fold.summary()
 
 
 def polarization_prune(model: nn.Module, example_inputs: Any, options: PolarizationOptions | None = None, *,

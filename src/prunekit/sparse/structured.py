@@ -7,7 +7,7 @@ A channel ``c`` of an engine group is **dead** when it cannot change the model's
   carries an input-independent value ``k_c`` (``act(BN(b_c))`` ...). Each consumer's input on ``c`` is
   measured on a random probe batch and must be constant over the batch and spatial positions; a
   nonzero ``k_c`` is folded into the consumer (``b += W[:, c]·k_c``, or the following BN's running
-  mean) by :mod:`prunekit.polarization.compensate`, which is exact for Linear consumers and for
+  mean) by :mod:`prunekit.compensate.constants` (applied by surgery), which is exact for Linear consumers and for
   Conv2d consumers without padding. Anything else keeps the channel.
 * **unused** (b): every consumer's input columns of ``c`` are exactly zero (``W[:, c] = 0``), so the
   channel contributes nothing whatever it carries.
@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..compensate import constant_refits, followers
 from ..engine import ChannelGraph, GroupPlan, Plan, apply
 from ..engine.errors import SurgeryError
-from ..engine.graph import Group, Member, as_inputs
+from ..engine.graph import Group, Member
 from ..engine.rules import GroupNormRule, LayerNormRule, find_rule
-from ..polarization.compensate import fold_offsets, followers, removed_offsets
+from ..runtime import call, capture, eval_mode
 
 __all__ = ["DeadChannels", "capture_inputs", "dead_channel_plan", "remove_dead_channels"]
 
@@ -62,25 +63,9 @@ def _consumer_columns(module: nn.Module) -> Callable[[list[int]], torch.Tensor] 
 
 def capture_inputs(model: nn.Module, names: set[str], probe: Any) -> dict[str, torch.Tensor]:
     """The first input tensor of each module in ``names`` during one eval forward on ``probe``."""
-    seen: dict[str, torch.Tensor] = {}
-
-    def hook(name: str):
-        def fn(mod, args) -> None:
-            seen.setdefault(name, args[0].detach())
-        return fn
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    args, kwargs = as_inputs(probe)
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(*args, **kwargs)
-    finally:
-        model.train(was)
-        for h in handles:
-            h.remove()
-    return seen
+    with eval_mode(model), capture(model, sorted(names)) as seen:
+        call(model, probe)
+    return dict(seen.values)
 
 
 def _channel_slice(module: nn.Module, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
@@ -197,8 +182,8 @@ def dead_channel_plan(model: nn.Module, graph: ChannelGraph, probe: Any) -> tupl
             continue
         gone = sorted(set(range(g.size)) - set(keep))
         constant = [c for c in gone if c in set(dead.constant)]
-        groups.append(GroupPlan(group_id=g.id, keep=keep, size=g.size, criterion="dead", provenance={
-            "name": g.name, "constant": constant, "unused": [c for c in gone if c not in set(constant)]}))
+        groups.append(GroupPlan.from_group(g, keep, criterion="dead", constant=constant,
+                                           unused=[c for c in gone if c not in set(constant)]))
     return Plan(groups=groups, meta={"criterion": "dead"}), found
 
 
@@ -226,10 +211,8 @@ def remove_dead_channels(model: nn.Module, example_inputs: Any, probe: Any, *,
                 entry.setdefault("kept", {}).update({str(k): v for k, v in d.kept_reason.items()})
         if not plan.groups:
             break
-        offsets = [o for o in removed_offsets(current, graph, plan, probe) if bool(o.delta.any())]
-        pruned = apply(current, graph, plan)
-        folded = fold_offsets(pruned, graph, plan, offsets, followers(current))
-        if folded["not_compensated"]:  # pragma: no cover - _constant_ok refuses these channels
-            raise SurgeryError(f"constant of removed channels could not be folded into {folded['not_compensated']}")
-        current = pruned
+        fold = constant_refits(current, graph, plan, probe, skip_zero=True)
+        if fold.not_compensated:  # pragma: no cover - _constant_ok refuses these channels
+            raise SurgeryError(f"constant of removed channels could not be folded into {fold.not_compensated}")
+        current = apply(current, graph, plan.with_refits(fold.refits))
     return current, removed

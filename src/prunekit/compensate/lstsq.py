@@ -11,8 +11,8 @@ the original network's activations ``X_o`` of all N channels, so that the consum
 with ``λ = ridge · tr(X_pᵀX_p) / P`` and ``M_0`` the pruning matrix (identity on the kept channels; or the
 Neuron Merging matrix with ``init="merge"``), so a large ridge falls back to plain pruning / merging.
 The intercept ``c`` (N,) is used when every consumer's bias can absorb it exactly (Linear; conv
-without padding): the group's plan gets ``shift = c`` and surgery adds ``W·c`` to the consumers'
-biases. For a Linear consumer the fit is exactly the ridge refit of its pre-activations (least squares
+without padding): each consumer gets a :class:`~prunekit.engine.Refit` output offset ``W·c`` (taps
+summed), which surgery adds to its bias. For a Linear consumer the fit is exactly the ridge refit of its pre-activations (least squares
 is linear in the targets, so the optimum for targets ``X_o W^T`` is ``W M``); for a conv consumer it is
 the refit restricted to channel mixing (a 1×1 M shared by every kernel tap).
 
@@ -25,22 +25,27 @@ the kept set from the same statistics: forward selection of the channels that be
 consumers' original pre-activation contributions ``X_o W_rᵀ`` (W_r: the consumer weights on the
 group's channels, one row per output and kernel tap). No labels, no gradients.
 
-The result is an ordinary :class:`~prunekit.engine.Plan` (dense merge matrices, shifts), applied by the
-engine's surgery like any merge.
+The result is an ordinary :class:`~prunekit.engine.Plan` (dense merge matrices, refit offsets), applied
+by the engine's surgery like any merge.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..engine import ChannelGraph, GroupPlan, Plan, apply, find_rule
+from ..engine import ChannelGraph, GroupPlan, Plan, Refit, apply, find_rule
+from ..engine.masks import member_keep
 from ..engine.rules import LinearRule
 from ..errors import ConfigError
+from ..runtime import eval_mode
+from .calibration import batches, calibration_inputs, call_order, module_inputs, take
+from .neuron_merging import MatrixOptions, decompose_group, group_report, pruned_only
 
 INITS = ("prune", "merge")
 SELECTS = ("criterion", "greedy")
@@ -90,36 +95,6 @@ class LstsqOptions:
 
 
 # ----------------------------------------------------------------------------------------------
-# calibration data
-
-
-def calibration_inputs(data: Any, n: int, seed: int = 0) -> torch.Tensor:
-    """``n`` inputs (labels are dropped) from a tensor, an ``ArrayDataset`` (vectorised ``get_batch``) or any
-    map-style dataset of ``(x, y)`` / ``x`` samples: a seeded random subset without replacement."""
-    if isinstance(data, torch.Tensor):
-        total = data.shape[0]
-    else:
-        try:
-            total = len(data)
-        except TypeError:
-            raise ConfigError(f"calibration data must be a tensor or a dataset with len(), got "
-                              f"{type(data).__name__}") from None
-    if total < 1:
-        raise ConfigError("the calibration data is empty")
-    if n > total:
-        raise ConfigError(f"asked for {n} calibration inputs, the data has {total}")
-    idx = torch.randperm(total, generator=torch.Generator().manual_seed(int(seed)))[:n].sort().values
-    if isinstance(data, torch.Tensor):
-        return data[idx].float()
-    if hasattr(data, "get_batch"):
-        x, _ = data.get_batch(idx, epoch=0)
-        return x
-    samples = [data[int(i)] for i in idx]
-    xs = [s[0] if isinstance(s, (tuple, list)) else s for s in samples]
-    return torch.stack([torch.as_tensor(x) for x in xs]).float()
-
-
-# ----------------------------------------------------------------------------------------------
 # where a group's channels sit in its consumers' inputs
 
 
@@ -133,15 +108,6 @@ class _Tap:
     comp: torch.Tensor  # (npos, N) input indices in the compressed model (the group itself unpruned)
 
 
-def _member_keep(member, masks: dict[int, np.ndarray]) -> np.ndarray:
-    keep = np.ones(len(member), dtype=bool)
-    for gid in np.unique(member.group[member.group >= 0]).tolist():
-        if gid in masks:
-            sel = member.group == gid
-            keep[sel] = masks[gid][member.channel[sel]]
-    return keep
-
-
 def _taps(model: nn.Module, graph: ChannelGraph, group_id: int, masks: dict[int, np.ndarray]) -> list[_Tap]:
     """The consumer inputs of group ``group_id`` in the original model and in the compressed model
     whose kept channels are ``masks`` (the group itself must be fully kept there)."""
@@ -152,7 +118,7 @@ def _taps(model: nn.Module, graph: ChannelGraph, group_id: int, masks: dict[int,
             continue
         sel = np.nonzero(m.group == g.id)[0]
         positions = np.unique(m.pos[sel])
-        new_index = np.cumsum(_member_keep(m, masks)) - 1
+        new_index = np.cumsum(member_keep(m, masks)) - 1
         orig = np.full((len(positions), g.size), -1, dtype=np.int64)
         for r, s in enumerate(positions.tolist()):
             here = sel[m.pos[sel] == s]
@@ -186,75 +152,6 @@ def _rows(x: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
     return x[..., idx].reshape(-1, idx.shape[1]).double()
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the last needed consumer has been seen."""
-
-
-def _capture(model: nn.Module, names: list[str], last: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inputs of modules ``names`` on ``x`` (first call of each); stops after ``last`` ran."""
-    got: dict[str, torch.Tensor] = {}
-    handles = []
-
-    def hook_for(name: str) -> Callable:
-        def hook(_module, args) -> None:
-            if name not in got:
-                got[name] = args[0].detach()
-            if name == last and all(n in got for n in names):
-                raise _Stop
-
-        return hook
-
-    for name in dict.fromkeys(names):
-        handles.append(model.get_submodule(name).register_forward_pre_hook(hook_for(name)))
-    try:
-        model(x)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    missing = [n for n in names if n not in got]
-    if missing:
-        raise ConfigError(f"modules {missing} were not called in the forward pass")
-    return got
-
-
-def _call_order(model: nn.Module, x: torch.Tensor) -> dict[str, int]:
-    order: dict[str, int] = {}
-
-    def hook_for(name: str) -> Callable:
-        def hook(_module, _args) -> None:
-            order.setdefault(name, len(order))
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in model.named_modules() if n]
-    try:
-        model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return order
-
-
-class _Eval:
-    def __init__(self, *models: nn.Module):
-        self.models = models
-
-    def __enter__(self):
-        self.modes = [m.training for m in self.models]
-        for m in self.models:
-            m.eval()
-        self.grad = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)
-
-    def __exit__(self, *exc):
-        for m, t in zip(self.models, self.modes):
-            m.train(t)
-        torch.set_grad_enabled(self.grad)
-        return False
-
-
 # ----------------------------------------------------------------------------------------------
 # statistics, selection and the fit
 
@@ -271,18 +168,17 @@ class GroupStats:
     rows: int
 
 
-def group_stats(original: nn.Module, compressed: nn.Module, taps: list[_Tap], inputs: torch.Tensor,
-                batch_size: int, last: str) -> GroupStats:
-    """Accumulate :class:`GroupStats` batch by batch (both forward passes stop after ``last``)."""
+def group_stats(original: nn.Module, compressed: nn.Module, taps: list[_Tap], inputs: Any,
+                batch_size: int) -> GroupStats:
+    """Accumulate :class:`GroupStats` batch by batch (both forward passes stop after the last consumer)."""
     n = taps[0].orig.shape[1]
     gram = torch.zeros(n + 1, n + 1, dtype=torch.float64)
     cross = torch.zeros(n + 1, n, dtype=torch.float64)
     energy, rows = 0.0, 0
     names = [t.module for t in taps]
-    for start in range(0, inputs.shape[0], batch_size):
-        xb = inputs[start:start + batch_size]
-        a = _capture(original, names, last, xb)
-        b = _capture(compressed, names, last, xb)
+    for xb in batches(inputs, batch_size):
+        a = module_inputs(original, names, xb)
+        b = module_inputs(compressed, names, xb)
         for t in taps:
             xo = _rows(a[t.module], t.dim, t.orig)
             xc = _rows(b[t.module], t.dim, t.comp)
@@ -364,8 +260,8 @@ def fit_from_stats(stats: GroupStats, keep: list[int], m0: torch.Tensor, ridge: 
     return m, shift, {"rel_error_init": err(prior), "rel_error": err(sol), "ridge_lambda": lam}
 
 
-def _can_shift(module: nn.Module) -> bool:
-    """Whether a consumer's bias absorbs a constant input offset exactly (Linear; conv without padding)."""
+def _can_absorb(module: nn.Module) -> bool:
+    """Whether a constant input offset folds exactly into the consumer's bias (Linear; conv without padding)."""
     if getattr(module, "bias", None) is None:
         return False
     if isinstance(module, nn.Linear):
@@ -376,6 +272,18 @@ def _can_shift(module: nn.Module) -> bool:
     return False
 
 
+def _intercept_offsets(model: nn.Module, taps: list[_Tap], shift: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per consumer: the output offset ``Σ_j W[:, j, taps] · shift(ch(j))`` of an input offset ``shift`` (N,)
+    on the group's channels (exact for the consumers :func:`_can_absorb` accepts)."""
+    out = {}
+    for t in taps:
+        w = model.get_submodule(t.module).weight.detach().double()
+        cols = w[:, t.orig.reshape(-1)]  # (O, npos·N, *k)
+        per_col = cols.reshape(cols.shape[0], cols.shape[1], -1).sum(2)  # taps summed
+        out[t.module] = per_col @ shift.repeat(t.orig.shape[0])
+    return out
+
+
 def _prune_matrix(n: int, keep: list[int]) -> torch.Tensor:
     m = torch.zeros(n, len(keep), dtype=torch.float64)
     m[torch.as_tensor(keep, dtype=torch.long), torch.arange(len(keep))] = 1.0
@@ -383,22 +291,23 @@ def _prune_matrix(n: int, keep: list[int]) -> torch.Tensor:
 
 
 def lstsq_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any, options: LstsqOptions | None = None,
-               *, merge_options: Any = None, progress: bool = False) -> tuple[Plan, list[dict[str, Any]]]:
-    """Fit merge matrices (and shifts) for the planned groups of ``plan`` from calibration ``data``.
+               *, matrix_options: MatrixOptions | None = None, progress: bool = False
+               ) -> tuple[Plan, list[dict[str, Any]]]:
+    """Fit merge matrices (and intercepts) for the planned groups of ``plan`` from calibration ``data``.
 
     Args:
         model: the original model (only read).
         graph: its :class:`ChannelGraph`.
         plan: survivors per group (with ``options.select="greedy"`` only their number is used);
             merge matrices, if any, are replaced.
-        data: calibration inputs: a tensor (B, ...) or a dataset (labels are never read).
+        data: calibration inputs: a tensor (B, ...), a dict of tensors or a dataset (labels are never read).
         options: :class:`LstsqOptions`.
-        merge_options: :class:`~prunekit.merging.MergeOptions` for ``init="merge"`` (Neuron Merging's M
-            as the ridge prior).
+        matrix_options: Neuron Merging's matrix options for ``init="merge"`` (its M as the ridge prior).
 
     Returns:
-        ``(plan with fitted merge matrices, one report per planned group)``. Groups the engine does not
-        mark mergeable (a residual stream, a concat, ...) are pruned and reported with the reason.
+        ``(plan, one report per planned group)``: the plan carries the fitted merge matrices, and the
+        intercepts as :class:`~prunekit.engine.Refit` output offsets of the consumers. Groups the engine
+        does not mark mergeable (a residual stream, a concat, ...) are pruned and reported with the reason.
     """
     options = options or LstsqOptions()
     inputs = calibration_inputs(data, options.calibration, options.seed)
@@ -407,47 +316,44 @@ def lstsq_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any, opt
     todo = []
     for gp in plan.groups:
         g = graph.groups[gp.group_id]
-        rep = {"group": g.id, "name": g.name, "size": g.size, "kept": len(gp.keep),
-               "removed": g.size - len(gp.keep), "mergeable": g.mergeable}
+        rep = group_report(graph, gp)
         if rep["removed"] == 0:
             reports[g.id] = {**rep, "action": "kept", "merged": 0, "pruned": 0}
         elif not g.mergeable:
-            reports[g.id] = {**rep, "action": "pruned", "reason": f"not mergeable: {g.merge_reason}",
-                             "merged": 0, "pruned": rep["removed"]}
+            reports[g.id] = pruned_only(rep, f"not mergeable: {g.merge_reason}")
         else:
             reports[g.id] = rep
             todo.append(gp)
-    with _Eval(model):
-        order = _call_order(model, inputs[:1])
+    with eval_mode(model):
+        order = call_order(model, take(inputs, slice(0, 1)))
     consumers = {gp.group_id: graph.groups[gp.group_id].consumers for gp in todo}
     todo.sort(key=lambda gp: min(order.get(c, 1 << 30) for c in consumers[gp.group_id]))
     done: dict[int, GroupPlan] = {}
-    bar = _progress(len(todo), progress)
+    offsets: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(todo), desc="lstsq groups", leave=False, disable=not progress, file=sys.stderr)
     for gp in todo:
         g = graph.groups[gp.group_id]
         others = [done.get(gid, base[gid]) for gid in base if gid != g.id]
         masks = {o.group_id: np.isin(np.arange(graph.groups[o.group_id].size), o.keep) for o in others}
-        compressed = apply(model, graph, Plan(groups=others),
-                           verify=False)
+        compressed = apply(model, graph, _with_offsets(Plan(groups=others), offsets), verify=False)
         taps = _taps(model, graph, g.id, masks)
-        last = max((t.module for t in taps), key=lambda name: order.get(name, -1))
-        intercept = options.intercept and all(_can_shift(model.get_submodule(t.module)) for t in taps)
-        with _Eval(model, compressed):
-            stats = group_stats(model, compressed, taps, inputs, options.batch_size, last)
+        intercept = options.intercept and all(_can_absorb(model.get_submodule(t.module)) for t in taps)
+        with eval_mode(model, compressed):
+            stats = group_stats(model, compressed, taps, inputs, options.batch_size)
         keep = list(gp.keep)
         if options.select == "greedy":
             weights = torch.cat([_tap_weights(model, t) for t in taps])
             keep = greedy_select(stats, weights, len(keep), fixed=sorted(g.blocked), intercept=intercept)
         if options.init == "merge":
-            from .core import MergeOptions, decompose_group
-
-            dec, _ = decompose_group(model, graph, _with_merge(gp, None, keep=keep),
-                                     (merge_options or MergeOptions()).replace(model_type="merge"))
+            dec, _ = decompose_group(model, graph, gp.replace(keep=keep, merge=None), matrix_options)
             m0 = dec.merge if dec is not None else _prune_matrix(g.size, keep)
         else:
             m0 = _prune_matrix(g.size, keep)
         m, shift, errs = fit_from_stats(stats, keep, m0, options.ridge, intercept)
-        done[g.id] = _with_merge(gp, m, shift, keep=keep)
+        done[g.id] = gp.replace(keep=keep, merge=m)
+        if shift is not None:
+            for name, v in _intercept_offsets(model, taps, shift).items():
+                offsets[name] = offsets[name] + v if name in offsets else v
         reports[g.id].update(action="merged", merged=reports[g.id]["removed"], pruned=0, algorithm="lstsq",
                              select=options.select, intercept=intercept, consumers=[t.module for t in taps],
                              calibration_rows=stats.rows, **errs)
@@ -455,56 +361,15 @@ def lstsq_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any, opt
     bar.close()
     groups = []
     for gid, planned in base.items():
-        gp = done.get(gid, planned)
         extra = {"lstsq": {k: v for k, v in reports[gid].items() if k not in ("group", "name", "size")}}
-        groups.append(_with_merge(gp, gp.merge, gp.shift, extra=extra))
+        gp = done.get(gid, planned)
+        groups.append(gp.replace(provenance={**gp.provenance, **extra}))
     meta = {**plan.meta, "method": "lstsq", "lstsq": options.to_dict()}
-    return Plan(groups=groups, meta=meta), [reports[gp.group_id] for gp in plan.groups]
+    return _with_offsets(Plan(groups=groups, meta=meta, refits=list(plan.refits)), offsets), \
+        [reports[gp.group_id] for gp in plan.groups]
 
 
-def _with_merge(gp: GroupPlan, merge: torch.Tensor | None, shift: torch.Tensor | None = None,
-                extra: dict | None = None, keep: list[int] | None = None) -> GroupPlan:
-    return GroupPlan(group_id=gp.group_id, keep=list(gp.keep if keep is None else keep), members=gp.members,
-                     merge=merge, size=gp.size, criterion=gp.criterion, ratio=gp.ratio,
-                     provenance={**gp.provenance, **(extra or {})}, shift=shift)
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return _NoBar()
-    return tqdm(total=total, desc="lstsq groups", leave=False)
-
-
-def compensate(model: nn.Module, example_inputs: Any, data: Any, options: LstsqOptions | None = None,
-               merge_options: Any = None, *, graph: ChannelGraph | None = None, progress: bool = False, **kw: Any):
-    """The ``lstsq`` method in one call: survivors as :func:`prunekit.merging.merge` would choose them
-    (``merge_options``: ratio, criterion, preset, ...), then least-squares merge matrices fitted on
-    ``options.calibration`` inputs drawn from ``data``. Keyword arguments override ``options``.
-
-    Returns a :class:`~prunekit.merging.core.MergeResult` (model, plan, graph, report).
-    """
-    from .core import MergeOptions, MergeResult, select, summarize
-
-    options = (options or LstsqOptions()).replace(**kw) if kw else (options or LstsqOptions())
-    merge_options = merge_options or MergeOptions()
-    if graph is None:
-        graph = ChannelGraph.build(model, example_inputs, ignored=list(merge_options.ignored or ()) or None)
-    plan = select(model, graph, merge_options)
-    plan, reports = lstsq_plan(model, graph, plan, data, options, merge_options=merge_options, progress=progress)
-    new = apply(model, graph, plan)
-    new.prunekit_plan = plan
-    report = {"options": {**merge_options.to_dict(), "model_type": "lstsq"}, "lstsq": options.to_dict(),
-              "groups": reports, **summarize(reports)}
-    return MergeResult(new, plan, graph, report)
+def _with_offsets(plan: Plan, offsets: dict[str, torch.Tensor]) -> Plan:
+    """``plan`` with the consumers' accumulated intercept offsets as refits."""
+    return plan.with_refits([Refit(module=name, offset=v, provenance={"source": "lstsq intercept"})
+                             for name, v in offsets.items()]) if offsets else plan
