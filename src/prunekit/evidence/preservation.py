@@ -1,6 +1,6 @@
 """Feature-map preservation: how closely a pruned / merged model reproduces the original, input by input.
 
-Neuron Merging's claim (abstract; spec §1) is that "compared to the pruned model with the same topology,
+Neuron Merging's claim (abstract; docs/neuron-merging.md) is that "compared to the pruned model with the same topology,
 our merged model better preserves the output feature map of the original model". This module measures
 that for any pair of models (pruned by any method) on the same inputs:
 
@@ -16,8 +16,8 @@ activations of one batch are cloned until the pruned model has produced its own)
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ..metrics import _eval_mode, _model_device_dtype
+from ..metrics import _model_device_dtype
+from ..runtime import capture, eval_mode
 
 __all__ = ["feature_preservation", "ware_terms"]
 
@@ -42,10 +43,10 @@ def ware_terms(original: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
 
     M inputs, N neurons of the compared response, y / ŷ the original / pruned response of neuron i on
     input m, s_i the importance of neuron i. Neuron Merging applies it to the network output: the official
-    repository's ``ResNet.ware(x)`` returns the logits (spec §9.3); we therefore take the logits
-    (N = classes) with uniform importance s_i = 1 (every class counts the same). Caveat: the section of
-    the Neuron Merging paper that uses WARE could not be retrieved (spec §9.3 and §14 mark its WARE
-    values UNCONFIRMED), so the section number is not cited and s_i = 1 is our reading, not a quotation.
+    repository's ``ResNet.ware(x)`` returns the logits; we therefore take the logits (N = classes) with
+    uniform importance s_i = 1 (every class counts the same). Caveat: the section of the Neuron Merging
+    paper that uses WARE could not be retrieved (its WARE values are unconfirmed), so the section number
+    is not cited and s_i = 1 is our reading, not a quotation.
     Terms with ŷ = y are 0 (also where y = 0); y = 0 ≠ ŷ gives an infinite term, as the formula does.
 
     original, pruned: (M, N) logits. Returns |ŷ − y| / |y| with those conventions; WARE is its mean.
@@ -76,32 +77,27 @@ def _relative(sq_diff: float, sq_ref: float) -> float:
 
 
 @contextmanager
-def _hooks(model: nn.Module, fn) -> Iterator[None]:
-    """Call ``fn(key, output)`` for every tensor output of every named submodule (not the root).
+def _hooks(model: nn.Module, fn: Callable[[str, torch.Tensor], Any]) -> Iterator[None]:
+    """For one forward pass: call ``fn(key, output)`` for every tensor output of every named submodule
+    (not the root), at the moment the module returns (before a later in-place op can change it).
 
-    ``key`` is the module name, with ``#k`` appended for its k-th extra call in the same forward (a
-    module reused twice, e.g. one ReLU object). Counters reset when the root's forward starts.
+    ``key`` is the module name, with ``#k`` appended for its k-th extra call (a module reused twice,
+    e.g. one ReLU object). Built on :func:`prunekit.runtime.capture`, one module each.
     """
-    calls: dict[str, int] = {}
+    def at_call(name: str) -> Callable[[torch.Tensor], None]:
+        calls = 0
 
-    def reset(_module, _args):
-        calls.clear()
+        def seen(out: torch.Tensor) -> None:
+            nonlocal calls
+            fn(name if calls == 0 else f"{name}#{calls}", out)
+            calls += 1
+        return seen
 
-    def make(name: str):
-        def hook(_module, _args, out):
-            if isinstance(out, torch.Tensor):
-                k = calls.get(name, 0)
-                calls[name] = k + 1
-                fn(name if k == 0 else f"{name}#{k}", out)
-        return hook
-
-    handles = [model.register_forward_pre_hook(reset)]
-    handles += [m.register_forward_hook(make(n)) for n, m in model.named_modules() if n]
-    try:
+    with ExitStack() as stack:
+        for name, _m in model.named_modules():
+            if name:
+                stack.enter_context(capture(model, [name], what="output", every_call=True, transform=at_call(name)))
         yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _shapes(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
@@ -175,7 +171,7 @@ def feature_preservation(original: nn.Module, pruned: nn.Module, data: Any, *, m
     sums = _Sums()
     skipped = 0
     try:
-        with _eval_mode(original), _eval_mode(pruned), torch.no_grad():
+        with eval_mode(original, pruned):
             points: list[str] | None = None
             for x in _batches(data, int(batch_size)):
                 if max_samples is not None:
