@@ -1,20 +1,17 @@
 """End-to-end tests of the CLI contract (later issues and external checks rely on it)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from prunekit.cli import main
 from prunekit.data import dataset_info
-
-OFFICIAL_LENET = Path(__file__).resolve().parents[2] / "shared/checkpoints/neuron-merging-lenet300-fashionmnist.pth.tar"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def run_json(capsys, *argv: str) -> dict:
@@ -88,6 +85,48 @@ def test_missing_checkpoint_names_the_file(capsys, tmp_path):
     assert "nope.safetensors" in err
 
 
+def _argparse_error(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as ei:
+        main(list(argv))
+    assert ei.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["eval", "--checkpoint", "unused"], ["train", "--model", "lenet-300-100"]])
+def test_missing_or_incomplete_data_root_is_an_error_naming_it(capsys, tmp_path, command):
+    """An explicit --data-root is used as given: never silently replaced by another copy of the data."""
+    missing = tmp_path / "no-such-dir"
+    err = _argparse_error(capsys, *command, "--dataset", "fashion-mnist", "--data-root", str(missing))
+    assert str(missing) in err and "does not exist" in err and "prunekit data fetch fashion-mnist" in err
+    assert not missing.exists()
+
+    half = tmp_path / "half"
+    (half / "fashion-mnist").mkdir(parents=True)
+    (half / "fashion-mnist" / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    # Either order of the options: the check runs once both are known.
+    err = _argparse_error(capsys, *command, "--data-root", str(half), "--dataset", "fashion-mnist")
+    assert f"{half / 'fashion-mnist'}: missing train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz]" in err
+    assert "train-images-idx3-ubyte[.gz]," not in err.split(str(half / "fashion-mnist") + ":")[1].splitlines()[0]
+
+
+def test_data_fetch_installs_system_packages_only_with_apt(capsys, tmp_path, monkeypatch):
+    import prunekit.data.roots as roots_mod
+
+    calls = []
+    monkeypatch.setattr(roots_mod, "_run", lambda cmd: calls.append(cmd) or subprocess.CompletedProcess(cmd, 1))
+    monkeypatch.setattr(roots_mod, "_is_root", lambda: True)
+    monkeypatch.setattr(roots_mod.shutil, "which", lambda _name: "/usr/bin/apt-get")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("PRUNEKIT_DATA", raising=False)
+    monkeypatch.setitem(roots_mod.LAYOUTS, "fashion-mnist", dataclasses.replace(
+        roots_mod.LAYOUTS["fashion-mnist"], system=(str(tmp_path / "system"),), sources=()))
+    assert run_error(capsys, "data", "fetch", "fashion-mnist")
+    assert calls == []
+    err = run_error(capsys, "data", "fetch", "fashion-mnist", "--apt")
+    assert calls[0] == ["apt-get", "install", "-y", "dataset-fashion-mnist"]
+    assert "apt-get install -y dataset-fashion-mnist` failed" in err
+
+
 def test_console_script_runs_as_module():
     proc = subprocess.run([sys.executable, "-m", "prunekit", "datasets", "--json"], capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=120)
@@ -97,11 +136,9 @@ def test_console_script_runs_as_module():
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in ../shared/checkpoints")
-@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_eval_official_lenet_checkpoint_reports_89_80(capsys):
-    report = run_json(capsys, "eval", "--model", "lenet-300-100", "--checkpoint", str(OFFICIAL_LENET),
-                      "--dataset", "fashion-mnist")
+def test_eval_official_lenet_checkpoint_reports_89_80(capsys, fashion_mnist_root, official_lenet_checkpoint):
+    report = run_json(capsys, "eval", "--model", "lenet-300-100", "--checkpoint", str(official_lenet_checkpoint),
+                      "--dataset", "fashion-mnist", "--data-root", str(fashion_mnist_root))
     assert report["accuracy"] == pytest.approx(89.80, abs=1e-9)
     assert report["params"] == 266_610
     assert report["macs"] == 784 * 300 + 300 * 100 + 100 * 10
@@ -132,13 +169,12 @@ def test_prune_rejects_a_ratio_outside_unit_interval(capsys, tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in ../shared/checkpoints")
-@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 @pytest.mark.parametrize(("ratio", "published", "params"),
                          [(0.5, 88.40, 125_810), (0.6, 85.17, 99_450), (0.7, 71.26, 73_690), (0.8, 66.76, 48_530)])
-def test_prune_official_lenet_reproduces_published_prune_column(capsys, ratio, published, params):
+def test_prune_official_lenet_reproduces_published_prune_column(capsys, ratio, published, params, fashion_mnist_root,
+                                                                official_lenet_checkpoint):
     """Neuron Merging's 'prune' column (l1-norm on [w | b], round, no data) through the general engine."""
-    report = run_json(capsys, "prune", "--model", "lenet-300-100", "--checkpoint", str(OFFICIAL_LENET),
+    report = run_json(capsys, "prune", "--model", "lenet-300-100", "--checkpoint", str(official_lenet_checkpoint),
                       "--dataset", "fashion-mnist", "--ratio", str(ratio), "--include-bias", "--latency-runs", "1")
     assert report["accuracy"] == pytest.approx(published, abs=0.05)
     assert report["params"] == params

@@ -41,8 +41,6 @@ from prunekit.data import roots as roots_mod
 from prunekit.data.roots import Source
 from prunekit.errors import ConfigError, DatasetError, UnknownNameError
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path, monkeypatch):
@@ -639,29 +637,25 @@ def _touch_idx(d: Path) -> Path:
 def test_resolve_root_search_order(tmp_path, monkeypatch):
     system = tmp_path / "sys" / "mnist"
     monkeypatch.setitem(roots_mod.LAYOUTS, "mnist", dataclasses.replace(roots_mod.LAYOUTS["mnist"], system=(str(system),)))
-    explicit, env = tmp_path / "explicit", tmp_path / "env"
+    env = tmp_path / "env"
     cache = tmp_path / "xdg-cache" / "prunekit" / "mnist"
     monkeypatch.setenv("PRUNEKIT_DATA", str(env))
 
     with pytest.raises(DatasetError) as ei:
-        resolve_root("mnist", explicit)
+        resolve_root("mnist")
     msg = str(ei.value)
-    for place in (explicit, explicit / "mnist", env, env / "mnist", cache, system):
+    for place in (env, env / "mnist", cache, system):
         assert str(place) in msg
     assert "prunekit data fetch mnist" in msg and "--data-root" in msg
 
     _touch_idx(system)
-    assert resolve_root("mnist", explicit) == system
+    assert resolve_root("mnist") == system
     _touch_idx(cache)
-    assert resolve_root("mnist", explicit) == cache
+    assert resolve_root("mnist") == cache
     _touch_idx(env / "mnist")
-    assert resolve_root("mnist", explicit) == env / "mnist"
+    assert resolve_root("mnist") == env / "mnist"
     _touch_idx(env)
-    assert resolve_root("mnist", explicit) == env
-    _touch_idx(explicit / "mnist")
-    assert resolve_root("mnist", explicit) == explicit / "mnist"
-    _touch_idx(explicit)
-    assert resolve_root("mnist", explicit) == explicit
+    assert resolve_root("mnist") == env
     # Without XDG_CACHE_HOME the cache is ~/.cache/prunekit/<name>.
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.delenv("PRUNEKIT_DATA")
@@ -672,11 +666,44 @@ def test_resolve_root_search_order(tmp_path, monkeypatch):
     assert resolve_root("cifar10", tmp_path / "c") == tmp_path / "c" / "cifar-10-batches-py"
 
 
-def test_missing_fashion_mnist_error_mentions_apt(tmp_path, monkeypatch):
+def test_explicit_root_is_searched_alone_and_names_what_is_missing(tmp_path, monkeypatch):
+    """root= / --data-root is used as given: a copy elsewhere is never used instead."""
+    elsewhere = _touch_idx(tmp_path / "xdg-cache" / "prunekit" / "mnist")
+    monkeypatch.setenv("PRUNEKIT_DATA", str(_touch_idx(tmp_path / "env")))
+    assert resolve_root("mnist") == tmp_path / "env"
+    monkeypatch.delenv("PRUNEKIT_DATA")
+    assert resolve_root("mnist") == elsewhere
+
+    missing = tmp_path / "typo"
+    for download in (False, True):  # never a download into (or a creation of) a mistyped folder
+        with pytest.raises(DatasetError, match="data root .*typo does not exist") as ei:
+            get_dataset("mnist", "test", root=missing, download=download)
+        assert "prunekit data fetch mnist --data-root" in str(ei.value)
+        assert not missing.exists()
+
+    explicit = tmp_path / "explicit"
+    (explicit / "mnist").mkdir(parents=True)
+    (explicit / "mnist" / "t10k-images-idx3-ubyte").write_bytes(b"")
+    with pytest.raises(DatasetError) as ei:
+        resolve_root("mnist", explicit)
+    msg = str(ei.value)
+    assert f"{explicit / 'mnist'}: missing train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], " \
+           "t10k-labels-idx1-ubyte[.gz]" in msg
+    assert f"{explicit}: missing train-images-idx3-ubyte[.gz]" in msg and str(elsewhere) not in msg
+    assert resolve_root("mnist", _touch_idx(explicit / "MNIST" / "raw")) == explicit / "MNIST" / "raw"
+    assert resolve_root("mnist", explicit) == explicit / "MNIST" / "raw"  # an alias sub-folder of the root
+    assert resolve_root("mnist", _touch_idx(explicit)) == explicit
+
+
+def test_missing_fashion_mnist_error_gives_the_options(tmp_path, monkeypatch):
     monkeypatch.setitem(roots_mod.LAYOUTS, "fashion-mnist",
                         dataclasses.replace(roots_mod.LAYOUTS["fashion-mnist"], system=(str(tmp_path / "none"),)))
-    with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist"):
-        get_dataset("fashion-mnist", root=tmp_path / "nothing", download=False)
+    with pytest.raises(DatasetError) as ei:
+        get_dataset("fashion-mnist", download=False)
+    msg = str(ei.value)
+    for option in ("prunekit data fetch fashion-mnist`", "prunekit data fetch fashion-mnist --apt",
+                   "apt-get install dataset-fashion-mnist", "--data-root DIR", "$PRUNEKIT_DATA"):
+        assert option in msg
 
 
 def _file_sources(monkeypatch, name: str, files: dict[str, bytes], src_dir: Path, *, extract=False, md5=None):
@@ -704,9 +731,25 @@ def test_fetch_idx_from_file_url_into_cache(tmp_path, monkeypatch):
     assert fetch("mnist", allow_apt=False, progress=False) == got
 
 
+def test_fetch_into_an_explicit_root(tmp_path, monkeypatch):
+    ref = make_idx_dir(tmp_path / "origin", gz=True)
+    files = {p.name: p.read_bytes() for p in (tmp_path / "origin").iterdir()}
+    _file_sources(monkeypatch, "mnist", files, tmp_path / "server")
+    with pytest.raises(DatasetError, match="does not exist"):  # a root is never created by fetch
+        fetch("mnist", tmp_path / "data", progress=False)
+    assert not (tmp_path / "data").exists()
+    (tmp_path / "data").mkdir()
+    # Loading with download=True fills an existing explicit root, as fetch(name, root) does.
+    ds = get_dataset("mnist", "test", root=tmp_path / "data")
+    np.testing.assert_array_equal(ds.labels.numpy(), ref["test"][1])
+    assert resolve_root("mnist", tmp_path / "data") == tmp_path / "data" / "mnist"
+    assert not (tmp_path / "xdg-cache" / "prunekit" / "mnist").exists()
+
+
 def test_fetch_checksum_mismatch_keeps_nothing(tmp_path, monkeypatch):
     _file_sources(monkeypatch, "mnist", {"train-images-idx3-ubyte.gz": b"corrupted payload"}, tmp_path / "server",
                   md5="0" * 32)
+    (tmp_path / "data").mkdir()
     with pytest.raises(DatasetError) as ei:
         fetch("mnist", tmp_path / "data", allow_apt=False, progress=False)
     msg = str(ei.value)
@@ -748,6 +791,7 @@ def test_fetch_cifar_archive_and_safe_extraction(tmp_path, monkeypatch):
     d = tmp_path / "origin" / "cifar-10-batches-py"
     archive = _tar_gz({f"cifar-10-batches-py/{p.name}": p.read_bytes() for p in d.iterdir()})
     _file_sources(monkeypatch, "cifar10", {"cifar-10-python.tar.gz": archive}, tmp_path / "server", extract=True)
+    (tmp_path / "data").mkdir()
     got = fetch("cifar10", tmp_path / "data", allow_apt=False, progress=False)
     assert got == tmp_path / "data" / "cifar10" / "cifar-10-batches-py"
     assert not (tmp_path / "data" / "cifar10" / "cifar-10-python.tar.gz").exists()
@@ -767,7 +811,7 @@ def test_fetch_cifar_archive_and_safe_extraction(tmp_path, monkeypatch):
         safe_extract_tar(arc, tmp_path / "out")
 
 
-def test_fetch_uses_apt_when_root(tmp_path, monkeypatch):
+def test_fetch_uses_apt_only_when_asked_and_root(tmp_path, monkeypatch):
     system = tmp_path / "usr-share" / "fashion-mnist"
     layout = dataclasses.replace(roots_mod.LAYOUTS["fashion-mnist"], system=(str(system),), sources=())
     monkeypatch.setitem(roots_mod.LAYOUTS, "fashion-mnist", layout)
@@ -780,12 +824,24 @@ def test_fetch_uses_apt_when_root(tmp_path, monkeypatch):
 
     monkeypatch.setattr(roots_mod, "_run", fake_run)
     monkeypatch.setattr(roots_mod.shutil, "which", lambda exe: "/usr/bin/" + exe)
-    monkeypatch.setattr(roots_mod, "_is_root", lambda: False)
-    with pytest.raises(DatasetError, match="not root"):
+    monkeypatch.setattr(roots_mod, "_is_root", lambda: True)
+    # Loading never installs anything, and neither does fetch unless asked (allow_apt / --apt).
+    with pytest.raises(DatasetError, match="not asked for .*--apt"):
+        get_dataset("fashion-mnist", "test")
+    with pytest.raises(DatasetError, match="not asked for"):
         fetch("fashion-mnist", progress=False)
     assert calls == []
+    monkeypatch.setattr(roots_mod, "_is_root", lambda: False)
+    with pytest.raises(DatasetError, match="not root"):
+        fetch("fashion-mnist", allow_apt=True, progress=False)
+    assert calls == []
+    explicit = tmp_path / "mine"
+    explicit.mkdir()
+    with pytest.raises(DatasetError, match="installs into the system folders"):
+        fetch("fashion-mnist", explicit, allow_apt=True, progress=False)
+    assert calls == []
     monkeypatch.setattr(roots_mod, "_is_root", lambda: True)
-    assert fetch("fashion-mnist", progress=False) == system
+    assert fetch("fashion-mnist", allow_apt=True, progress=False) == system
     assert calls == [["apt-get", "install", "-y", "dataset-fashion-mnist"]]
 
 
@@ -794,10 +850,9 @@ def test_fetch_uses_apt_when_root(tmp_path, monkeypatch):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-def test_real_fashion_mnist():
-    train = get_dataset("fashion-mnist", "train", root=FMNIST, download=False)
-    test = get_dataset("fashion-mnist", "test", root=FMNIST, download=False)
+def test_real_fashion_mnist(fashion_mnist_root):
+    train = get_dataset("fashion-mnist", "train", root=fashion_mnist_root, download=False)
+    test = get_dataset("fashion-mnist", "test", root=fashion_mnist_root, download=False)
     assert len(train) == 60000 and len(test) == 10000
     assert train.num_classes == 10 and int(train.labels.max()) == 9
     assert int(train.labels[0]) == 9  # the first training image is an ankle boot

@@ -78,10 +78,34 @@ def print_table(title: str, rows: dict[str, Any]) -> None:
         print(f"  {key:<{width}}  {value}")
 
 
+class _DataRootCheck(argparse.Action):
+    """Store the value, then, once both --dataset and --data-root are known, check that the explicit root
+    holds the dataset: a missing or incomplete --data-root is an error naming it and the missing files
+    (exit 2), never a silent switch to another copy or a download into a mistyped path.
+    ``prunekit data fetch NAME --data-root DIR`` is the command that fills a folder."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        name, root = getattr(namespace, "dataset", None), getattr(namespace, "data_root", None)
+        if name is None or root is None:
+            return
+        from ..data.roots import LAYOUTS, resolve_root
+        from ..errors import DatasetError
+
+        if name not in LAYOUTS:  # synthetic, or an unknown name the command reports itself
+            return
+        try:
+            resolve_root(name, root)
+        except DatasetError as e:
+            raise argparse.ArgumentError(None, str(e)) from None
+
+
 def data_args(p: argparse.ArgumentParser) -> None:
     """--dataset, --data-root, --device, --model-config: the options of every command that reads data."""
-    p.add_argument("--dataset", required=True)
-    p.add_argument("--data-root", default=None, help="dataset directory (default: $PRUNEKIT_DATA, cache, system)")
+    p.add_argument("--dataset", required=True, action=_DataRootCheck)
+    p.add_argument("--data-root", default=None, action=_DataRootCheck,
+                   help="the folder holding the dataset, used as given (an error if it lacks files); "
+                        "default: search $PRUNEKIT_DATA, the user cache, /usr/share/datasets")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--model-config", action="append", metavar="KEY=VALUE",
                    help="model constructor option, e.g. shortcut=B or widths=[300,100]")

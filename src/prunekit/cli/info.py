@@ -46,9 +46,13 @@ def _listing(key: str, rows: list[dict[str, Any]], column: str, header: str, fmt
 
 @command("data")
 def cmd_data(args: argparse.Namespace) -> Report:
+    from pathlib import Path
+
     from ..data import fetch
 
-    path = fetch(args.name, args.data_root, allow_apt=not args.no_apt, allow_download=not args.no_download,
+    if args.data_root is not None:  # asked for by name on this command: create it (other commands never do)
+        Path(args.data_root).expanduser().mkdir(parents=True, exist_ok=True)
+    path = fetch(args.name, args.data_root, allow_apt=args.apt, allow_download=not args.no_download,
                  progress=not args.json)
     return {"dataset": args.name, "root": str(path)}, lambda: print(f"{args.name}: {path}")
 
@@ -58,9 +62,13 @@ def add_parsers(add: AddParser) -> None:
     add("models", "list the model zoo")
     add("datasets", "list the datasets")
 
-    p = add("data", "obtain a dataset: local cache, Debian package, or official download")
+    p = add("data", "obtain a dataset: already present, official download (MD5-verified), or with --apt "
+                    "the Debian package")
     p.add_argument("action", choices=["fetch"])
     p.add_argument("name")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--no-apt", action="store_true", help="never try apt-get")
+    p.add_argument("--data-root", default=None,
+                   help="put the dataset in DIR/<name> (created if needed) instead of the user cache")
+    p.add_argument("--apt", action="store_true",
+                   help="as root, install the Debian package (e.g. dataset-fashion-mnist) with apt-get first")
+    p.add_argument("--no-apt", action="store_true", help=argparse.SUPPRESS)  # the old opt-out; apt is opt-in now
     p.add_argument("--no-download", action="store_true", help="never download")

@@ -1,14 +1,20 @@
 """Where dataset files live, and how to get them when they are missing.
 
-``resolve_root`` looks, in order, at: the explicit root (the folder itself, then ``root/<name>``),
-``$PRUNEKIT_DATA`` (same two), the user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, then
-``prunekit/<name>``), and well-known system folders (``/usr/share/datasets/<name>``, where the
-Debian package ``dataset-fashion-mnist`` installs). A folder counts only when the files the loader
-needs are all there. It returns the folder that directly holds them (for CIFAR that is the
-``cifar-10-batches-py`` / ``cifar-100-python`` folder).
+``resolve_root(name)`` searches, in order: ``$PRUNEKIT_DATA`` (each folder, then ``<folder>/<name>``), the
+user cache (``$XDG_CACHE_HOME`` or ``~/.cache``, then ``prunekit/<name>``), and well-known system folders
+(``/usr/share/datasets/<name>``, where the Debian package ``dataset-fashion-mnist`` installs). A folder
+counts only when the files the loader needs are all there. It returns the folder that directly holds
+them (for CIFAR that is the ``cifar-10-batches-py`` / ``cifar-100-python`` folder).
 
-``fetch`` makes a dataset present: nothing to do → Debian package (as root) → download from the
-official source with MD5 verification, atomic renames and a path-traversal-safe tar extraction.
+``resolve_root(name, root)`` with an explicit root (``root=`` in Python, ``--data-root`` on the command
+line) looks *only* there (the folder itself, then ``root/<name>`` and the usual sub-folder names): a root
+that does not exist or lacks files is an error naming it and the missing files, never a reason to use
+another copy. ``$PRUNEKIT_DATA`` is a search location, not an explicit root.
+
+``fetch`` makes a dataset present: nothing to do → (only with ``allow_apt=True``, i.e. ``prunekit data
+fetch NAME --apt``) the Debian package, as root → download from the official source with MD5
+verification, atomic renames and a path-traversal-safe tar extraction. Loading a dataset never installs
+system packages.
 """
 from __future__ import annotations
 
@@ -152,19 +158,28 @@ def cache_dir() -> Path:
     return Path(base).expanduser() / "prunekit"
 
 
-def _has_files(layout: Layout, d: Path) -> bool:
+def _missing(layout: Layout, d: Path) -> list[str]:
+    """What folder ``d`` lacks for the loader (empty: complete)."""
     if not d.is_dir():
-        return False
+        return ["(the folder does not exist)"]
+    out = []
     if layout.any_dirs and not any((d / s).is_dir() for s in layout.any_dirs):
-        return False
+        out.append(" or ".join(f"{s}/" for s in layout.any_dirs))
     for f in layout.files:
         if not ((d / f).is_file() or (layout.gz_ok and (d / (f + ".gz")).is_file())):
-            return False
-    return True
+            out.append(f + ("[.gz]" if layout.gz_ok else ""))
+    return out
+
+
+def _has_files(layout: Layout, d: Path) -> bool:
+    return d.is_dir() and not _missing(layout, d)
 
 
 def search_locations(name: str, root: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
-    """Candidate folders for ``name`` in search order, each with a label saying where it came from."""
+    """Candidate folders for ``name`` in search order, each with a label saying where it came from.
+
+    With an explicit ``root`` only that root's candidates (the folder, ``root/<name>``, aliases).
+    """
     layout = _layout(name)
     subs = (name,) + layout.aliases
     out: list[tuple[Path, str]] = []
@@ -176,14 +191,15 @@ def search_locations(name: str, root: str | os.PathLike | None = None) -> list[t
 
     if root is not None:
         add_base(Path(root).expanduser(), "--data-root")
-    env = os.environ.get(ENV_VAR)
-    if env:
-        for part in env.split(os.pathsep):
-            if part:
-                add_base(Path(part).expanduser(), f"${ENV_VAR}")
-    out.append((cache_dir() / name, "user cache"))
-    for s in layout.system:
-        out.append((Path(s), "system"))
+    else:
+        env = os.environ.get(ENV_VAR)
+        if env:
+            for part in env.split(os.pathsep):
+                if part:
+                    add_base(Path(part).expanduser(), f"${ENV_VAR}")
+        out.append((cache_dir() / name, "user cache"))
+        for s in layout.system:
+            out.append((Path(s), "system"))
     # A candidate may hold the files in an inner folder (cifar-10-batches-py); expand in place.
     expanded: list[tuple[Path, str]] = []
     for p, label in out:
@@ -199,26 +215,53 @@ def search_locations(name: str, root: str | os.PathLike | None = None) -> list[t
 
 
 def _instructions(name: str, layout: Layout) -> str:
-    lines = []
-    if layout.sources or layout.apt_package:
-        lines.append(f"run `prunekit data fetch {name}`"
-                     + (" (downloads the official files into the user cache, verified by MD5)"
-                        if layout.sources else ""))
+    options = []
+    if layout.sources:
+        options.append(f"run `prunekit data fetch {name}` (downloads the official files into the user cache, "
+                       "verified by MD5)")
     if layout.apt_package:
-        lines.append(f"or, as root on Debian/Ubuntu: `apt-get install {layout.apt_package}`")
+        options.append(f"as root on Debian/Ubuntu, install the package {layout.apt_package}: "
+                       f"`prunekit data fetch {name} --apt` or `apt-get install {layout.apt_package}`")
     if layout.manual:
-        lines.append(layout.manual)
-    lines.append(f"or pass --data-root DIR (or set ${ENV_VAR}=DIR) pointing at a folder that has them")
-    return "To get it: " + "; ".join(lines) + "."
+        options.append(layout.manual)
+    options.append(f"pass --data-root DIR (root= in Python) or set ${ENV_VAR}=DIR, DIR being a folder that has them")
+    return "To get it: " + "; or ".join(options) + "."
+
+
+def _explicit_root_error(name: str, layout: Layout, root: Path, cands: list[tuple[Path, str]]) -> DatasetError:
+    """The error for an explicit root that does not hold the dataset: which folders, which files."""
+    how = (f"To put it there: `prunekit data fetch {name} --data-root {root}`"
+           if layout.sources else (layout.manual or f"dataset '{name}' has no automatic source"))
+    tail = (f"An explicit data root is used as given, never replaced by another copy. {how}; or leave out "
+            f"--data-root (root=) to search ${ENV_VAR}, the user cache and the system folders.")
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        return DatasetError(f"dataset '{name}': the data root {root} {what}.\n{tail}")
+    rows = []
+    for p, _label in cands:
+        if p.is_dir():
+            rows.append(f"  - {p}: missing {', '.join(_missing(layout, p))}")
+    absent = [str(p.relative_to(root)) for p, _label in cands if not p.is_dir()]
+    if absent:
+        rows.append(f"  (no sub-folder {', '.join(absent)})")
+    rows_text = "\n".join(rows)
+    return DatasetError(f"dataset '{name}' is not complete in the data root {root}. Need {layout.describe}; "
+                        f"found:\n{rows_text}\n{tail}")
 
 
 def resolve_root(name: str, root: str | os.PathLike | None = None) -> Path:
-    """Return the folder holding dataset ``name``'s files; DatasetError listing every place tried."""
+    """Return the folder holding dataset ``name``'s files.
+
+    ``root``: an explicit data root, searched alone (see the module docstring); ``None``: the search
+    order. Raises DatasetError listing every place tried and what is missing, with how to get the data.
+    """
     layout = _layout(name)
     cands = search_locations(name, root)
     for p, _label in cands:
         if _has_files(layout, p):
             return p
+    if root is not None:
+        raise _explicit_root_error(name, layout, Path(root).expanduser(), cands)
     env_note = "" if os.environ.get(ENV_VAR) else f"\n  (${ENV_VAR} is not set)"
     tried = "\n".join(f"  - {p}  [{label}]" for p, label in cands)
     raise DatasetError(
@@ -367,27 +410,42 @@ def _try_apt(package: str, notes: list[str]) -> bool:
     return True
 
 
-def fetch(name: str, root: str | os.PathLike | None = None, *, allow_apt: bool = True,
+def fetch(name: str, root: str | os.PathLike | None = None, *, allow_apt: bool = False,
           allow_download: bool = True, progress: bool = True) -> Path:
     """Make dataset ``name`` present and return its folder (as :func:`resolve_root` would).
 
-    Order: already present → ``apt-get install -y <package>`` when a Debian package exists, apt-get
-    is there and we are root → download the official files (MD5-verified) into ``root/<name>`` if
-    ``root`` is given, else into the user cache → DatasetError saying what was tried.
+    Without ``root``: already present anywhere → with ``allow_apt=True`` only, ``apt-get install -y
+    <package>`` when a Debian package exists, apt-get is there and we are root (installing system
+    packages is always the caller's explicit choice) → download the official files (MD5-verified)
+    into the user cache → DatasetError saying what was tried.
+
+    With ``root``: already in ``root`` → download into ``root/<name>``. ``root`` must be an existing
+    folder: a mistyped path is an error, not a new folder filled with a download. The Debian package
+    installs into the system folders, so ``allow_apt`` does not apply to an explicit root.
     """
     layout = _layout(name)
+    explicit = Path(root).expanduser() if root is not None else None
     try:
-        return resolve_root(name, root)
+        return resolve_root(name, explicit)
     except DatasetError as e:
         not_found = str(e)
+        if explicit is not None and not explicit.is_dir():
+            raise
     notes: list[str] = []
-    if allow_apt and layout.apt_package and _try_apt(layout.apt_package, notes):
-        try:
-            return resolve_root(name, root)
-        except DatasetError:
-            notes.append(f"`apt-get install {layout.apt_package}` succeeded but the files were not found")
+    if allow_apt and layout.apt_package:
+        if explicit is not None:
+            notes.append(f"the Debian package {layout.apt_package} installs into the system folders, not into "
+                         f"{explicit}, so apt-get was not tried")
+        elif _try_apt(layout.apt_package, notes):
+            try:
+                return resolve_root(name)
+            except DatasetError:
+                notes.append(f"`apt-get install {layout.apt_package}` succeeded but the files were not found")
+    elif layout.apt_package and explicit is None:
+        notes.append(f"installing the Debian package {layout.apt_package} was not asked for "
+                     f"(`prunekit data fetch {name} --apt`, allow_apt=True)")
     if allow_download and layout.sources:
-        dest = (Path(root).expanduser() / name) if root is not None else cache_dir() / name
+        dest = explicit / name if explicit is not None else cache_dir() / name
         try:
             for src in layout.sources:
                 target = dest / src.filename
