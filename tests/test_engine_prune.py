@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from prunekit import models
@@ -27,12 +29,8 @@ from prunekit.engine import (
     replay,
 )
 from prunekit.errors import CheckpointError, ConfigError, UnknownNameError
+from prunekit.io import load_model, save_model
 from prunekit.metrics import count_macs, count_params
-
-try:
-    from prunekit.io import load_model, save_model
-except ImportError:  # pragma: no cover - io lands separately
-    save_model = load_model = None
 
 IMAGENET = {"resnet50", "mobilenetv2"}
 
@@ -80,8 +78,6 @@ def test_zoo_prunes_in_both_scopes_and_reloads(name, tmp_path):
         assert close(yp, ym), f"{name}/{scope}: pruned ≠ masked dense"
         assert count_params(pruned) < 0.6 * count_params(model)
         assert count_macs(pruned, x) < count_macs(model, x)
-        if save_model is None:
-            pytest.skip("prunekit.io has not landed: save/reload not checked")
         save_model(tmp_path / scope / "", pruned, extra={"prune_record": pruned.prunekit_record.to_dict()})
         loaded, info = load_model(tmp_path / scope)
         with torch.no_grad():
@@ -112,11 +108,10 @@ def test_pruning_twice_chains_records(tmp_path):
     replay(dense, twice.prunekit_record).load_state_dict(twice.state_dict())
     with torch.no_grad():
         assert torch.equal(dense.eval()(x), twice(x))
-    if save_model is not None:
-        save_model(tmp_path / "m" / "", twice, extra={"prune_record": twice.prunekit_record.to_dict()})
-        loaded, _ = load_model(tmp_path / "m")
-        with torch.no_grad():
-            assert torch.equal(loaded.eval()(x), twice(x))
+    save_model(tmp_path / "m" / "", twice, extra={"prune_record": twice.prunekit_record.to_dict()})
+    loaded, _ = load_model(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), twice(x))
 
 
 def test_replay_rejects_a_record_that_does_not_fit():
@@ -379,13 +374,158 @@ def test_ratio_zero_and_global_criteria_run_on_every_criterion():
 
 
 def test_pruned_model_saves_its_record_without_being_told(tmp_path):
-    from prunekit.io import load_model, save_model
-    from prunekit.models import create
-
     torch.manual_seed(0)
-    pruned = prune(create("resnet20", in_channels=1, input_size=28), (1, 1, 28, 28), ratio=0.5)
+    pruned = prune(models.create("resnet20", in_channels=1, input_size=28), (1, 1, 28, 28), ratio=0.5)
     save_model(tmp_path / "m" / "", pruned)
     reloaded, info = load_model(tmp_path / "m")
     x = torch.randn(2, 1, 28, 28)
     assert info["prune_record"] == pruned.prunekit_record.to_dict()
     assert torch.equal(reloaded.eval()(x), pruned.eval()(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# round_to: hardware-friendly widths
+
+
+class OddNet(nn.Module):
+    """Convs of awkward widths, a residual add (conv2 and conv3 form one group), flatten into two Linears."""
+
+    def __init__(self, widths=(13, 22, 22, 9), hidden=11, classes=10):
+        super().__init__()
+        a, b, c, d = widths
+        self.conv1, self.bn1 = nn.Conv2d(3, a, 3, padding=1), nn.BatchNorm2d(a)
+        self.conv2, self.bn2 = nn.Conv2d(a, b, 3, padding=1), nn.BatchNorm2d(b)
+        self.conv3, self.bn3 = nn.Conv2d(b, c, 3, padding=1), nn.BatchNorm2d(c)  # added to conv2's output
+        self.conv4 = nn.Conv2d(c, d, 1)
+        self.fc1, self.fc2 = nn.Linear(d * 16, hidden), nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(x)))
+        y = torch.relu(self.bn3(self.conv3(y)) + y)
+        y = torch.relu(self.conv4(nn.functional.max_pool2d(y, 2)))
+        return self.fc2(torch.relu(self.fc1(y.flatten(1))))
+
+
+def _random_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _check_round_to(graph, plan, base, r):
+    """Every group's width is a positive multiple of ``r`` or the full group; protected channels kept;
+    never fewer channels than without ``round_to``."""
+    for g in graph.prunable_groups:
+        keep = plan.group(g.id).keep
+        assert len(keep) == g.size or (len(keep) > 0 and len(keep) % r == 0), (g.name, len(keep), g.size, r)
+        assert set(g.blocked) <= set(keep)
+        assert set(base.group(g.id).keep) <= set(keep)
+        assert len(keep) - len(base.group(g.id).keep) < r  # the smallest multiple above
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+@pytest.mark.parametrize("rounding", ["round", "floor"])
+def test_round_to_keeps_multiples_and_pruning_still_equals_masking(scope, rounding):
+    torch.manual_seed(0)
+    model = _random_bn(OddNet()).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    graph = ChannelGraph.build(model, x)
+    base = make_plan(model, graph, ratio=0.6, scope=scope, rounding=rounding)
+    plan = make_plan(model, graph, ratio=0.6, scope=scope, rounding=rounding, round_to=4)
+    _check_round_to(graph, plan, base, 4)
+    assert plan.meta["round_to"] == 4 and "round_to" not in base.meta
+    pruned = apply(model, graph, plan)
+    assert pruned.conv1.out_channels % 4 == 0 and pruned.conv2.out_channels == pruned.conv3.out_channels
+    assert pruned.conv2.out_channels % 4 == 0 and pruned.fc1.out_features % 4 == 0
+    assert pruned.fc2.out_features == 10  # the head's classes are protected
+    with torch.no_grad():
+        assert close(pruned(x), mask(model, graph, plan)(x), rel=1e-9)
+
+
+def test_round_to_never_exceeds_a_group_and_is_a_no_op_at_one():
+    model = _random_bn(OddNet(widths=(5, 6, 6, 3), hidden=7))
+    graph = ChannelGraph.build(model, (1, 3, 8, 8))
+    big = make_plan(model, graph, ratio=0.5, round_to=64)  # bigger than every group: all kept
+    assert all(len(p.keep) == graph.groups[p.group_id].size for p in big.groups)
+    pruned = prune(model, (1, 3, 8, 8), ratio=0.5, round_to=64)
+    assert count_params(pruned) == count_params(model)
+    plain = make_plan(model, graph, ratio=0.5)
+    assert [p.keep for p in make_plan(model, graph, ratio=0.5, round_to=1).groups] == [p.keep for p in plain.groups]
+    same = prune(model, (1, 3, 8, 8), ratio=0.0, round_to=4)  # ratio 0 keeps everything, whatever round_to
+    assert count_params(same) == count_params(model)
+
+
+def test_round_to_through_prune_and_the_method_options():
+    from prunekit.methods import PruneOptions
+
+    model = zoo("vgg16")
+    pruned = prune(model, (1, 3, 32, 32), ratio=0.7, round_to=16)
+    convs = [m for m in pruned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.out_channels % 16 == 0 for c in convs)
+    assert pruned.prunekit_plan.meta["round_to"] == 16
+    assert PruneOptions(round_to=8).engine_kwargs()["round_to"] == 8
+    assert PruneOptions().engine_kwargs()["round_to"] is None
+
+
+@pytest.mark.parametrize("bad", [0, -8, 2.5, "8", True, float("nan")])
+def test_round_to_must_be_a_positive_integer(bad):
+    model = TwoLayer()
+    with pytest.raises(ConfigError, match=r"round_to must be a positive integer.*got " + repr(bad).replace("'", ".")):
+        prune(model, (1, 3, 6, 6), ratio=0.5, round_to=bad)
+    graph = ChannelGraph.build(model, (1, 3, 6, 6))
+    with pytest.raises(ConfigError, match="round_to"):
+        make_plan(model, graph, ratio=0.5, round_to=bad)
+
+
+class Stack(nn.Module):
+    """A random conv stack (optionally with a residual pair) into a random Linear stack."""
+
+    def __init__(self, convs, residual, linears, classes=5):
+        super().__init__()
+        layers, cin = [], 3
+        for w in convs:
+            layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.res = nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1), nn.BatchNorm2d(cin)) if residual else None
+        fcs, fin = [], cin * 4
+        for w in linears:
+            fcs += [nn.Linear(fin, w), nn.ReLU()]
+            fin = w
+        self.head = nn.Sequential(*fcs, nn.Linear(fin, classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        if self.res is not None:
+            x = torch.relu(self.res(x) + x)
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 2).flatten(1))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(convs=st.lists(st.integers(1, 24), min_size=1, max_size=3), residual=st.booleans(),
+       linears=st.lists(st.integers(1, 24), max_size=2), ratio=st.floats(0.0, 0.95),
+       round_to=st.integers(1, 16), scope=st.sampled_from(["local", "global"]),
+       rounding=st.sampled_from(["round", "floor"]))
+def test_round_to_property_on_random_stacks(convs, residual, linears, ratio, round_to, scope, rounding):
+    torch.manual_seed(0)
+    model = _random_bn(Stack(convs, residual, linears)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    graph = ChannelGraph.build(model, x)
+    if not graph.prunable_groups:
+        return
+    base = make_plan(model, graph, ratio=ratio, scope=scope, rounding=rounding)
+    plan = make_plan(model, graph, ratio=ratio, scope=scope, rounding=rounding, round_to=round_to)
+    _check_round_to(graph, plan, base, round_to)
+    pruned = apply(model, graph, plan)
+    for g in graph.prunable_groups:  # the physical widths are the plan's
+        for name in g.producers:
+            assert pruned.get_submodule(name).weight.shape[0] == len(plan.group(g.id).keep)
+    with torch.no_grad():
+        assert close(pruned(x), mask(model, graph, plan)(x), rel=1e-9)

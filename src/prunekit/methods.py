@@ -24,6 +24,8 @@ class PruneOptions:
     criterion: str = "l1-norm"
     scope: str = "local"
     rounding: str = "round"
+    #: each group keeps a multiple of this many channels (rounded up, at most the group); None: off
+    round_to: int | None = None
     ignored: tuple[str, ...] = ()
     overrides: dict[str, float] = field(default_factory=dict)
     #: score rows as ``[w | b]``; None: the method's default (off for ``prune``, on for ``merge``/``lstsq``)
@@ -41,7 +43,7 @@ class PruneOptions:
     def engine_kwargs(self) -> dict[str, Any]:
         return {"ratio": self.ratio, "criterion": self.criterion, "scope": self.scope, "rounding": self.rounding,
                 "ignored": list(self.ignored) or None, "overrides": self.overrides or None,
-                "include_bias": bool(self.include_bias), "seed": self.seed}
+                "include_bias": bool(self.include_bias), "seed": self.seed, "round_to": self.round_to}
 
 
 @dataclass

@@ -33,7 +33,8 @@ def cmd_prune(args: argparse.Namespace) -> Report:
     if args.ratio is None and getattr(method, "needs_ratio", True):
         raise PrunekitError(f"method '{args.method}' needs --ratio (fraction of each group's channels removed)")
     options = PruneOptions(ratio=PruneOptions.ratio if args.ratio is None else args.ratio, criterion=args.criterion,
-                           scope=args.scope, rounding=args.rounding, ignored=tuple(args.ignore or ()),
+                           scope=args.scope, rounding=args.rounding, round_to=args.round_to,
+                           ignored=tuple(args.ignore or ()),
                            overrides={k: float(v) for k, v in key_values(args.override, "--override").items()},
                            include_bias=args.include_bias, seed=args.seed, threshold=args.threshold,
                            method_options={**{k: v for k, v in (("lam", args.lam), ("bn_scale", args.bn_scale),
@@ -240,6 +241,8 @@ def add_parsers(add: AddParser) -> None:
     p.add_argument("--finetune-lr", type=float, default=0.01, help="fine-tune lr without --finetune-recipe")
     p.add_argument("--scope", default="local", choices=["local", "global"])
     p.add_argument("--rounding", default="round", choices=["round", "floor"])
+    p.add_argument("--round-to", type=int, default=None, metavar="N",
+                   help="each group keeps a multiple of N channels (rounded up, hardware-friendly widths)")
     p.add_argument("--ignore", action="append", metavar="MODULE", help="protect a module (name or pattern)")
     p.add_argument("--override", action="append", metavar="MODULE=RATIO", help="per-module ratio")
     p.add_argument("--include-bias", action=argparse.BooleanOptionalAction, default=None,

@@ -6,12 +6,20 @@
 Lower level: ``graph = ChannelGraph.build(model, x)``; ``plan = make_plan(model, graph, ratio=0.5)``
 (or a Plan built by a method, e.g. with merge matrices); ``small = apply(model, graph, plan)``;
 ``small.prunekit_record`` replays onto a dense model with ``replay(dense, record)``.
+
+Files, lowest first (each imports only those above it): ``errors``; ``channels`` (Chan, TensorInfo,
+Member, Group); ``context`` (TraceContext: channel ids, union-find, members, protection); ``rules``
+(per-layer-type channel rules); ``ops`` + ``walker`` (functional ops, the fx-graph walker); ``capture``
+(torch.fx / torch.export); ``graph`` (ChannelGraph); ``criteria``, ``select``, ``plan``, ``masks``;
+``surgery`` (the only code that edits modules); ``api`` (``make_plan``, ``prune``).
 """
 from .api import make_plan, prune
+from .channels import Chan, Group, Member, TensorInfo
+from .context import TraceContext
 from .criteria import CRITERIA, ScoreContext, get_criterion, list_criteria, register_criterion
 from .errors import PlanError, SurgeryError, UnsupportedLayerError, UntraceableModelError
-from .graph import Chan, ChannelGraph, Group, Member, TensorInfo, TraceContext
-from .plan import GroupPlan, Plan, PruneRecord
+from .graph import ChannelGraph
+from .plan import GroupPlan, Plan, PruneRecord, Refit
 from .rules import (
     BatchNormRule,
     ChannelWiseRule,
@@ -27,7 +35,7 @@ from .surgery import apply, load_hook, mask, record_of, replay
 
 __all__ = [
     "CRITERIA", "BatchNormRule", "Chan", "ChannelGraph", "ChannelWiseRule", "ConvRule", "Group", "GroupPlan",
-    "LayerRule", "LinearRule", "Member", "PassRule", "Plan", "PlanError", "PruneRecord", "ScoreContext",
+    "LayerRule", "LinearRule", "Member", "PassRule", "Plan", "PlanError", "PruneRecord", "Refit", "ScoreContext",
     "SurgeryError", "TensorInfo", "TraceContext", "UnsupportedLayerError", "UntraceableModelError", "apply",
     "check_ratio", "find_rule", "get_criterion", "list_criteria", "load_hook", "make_plan", "mask", "n_keep",
     "prune", "record_of", "register_criterion", "register_layer", "replay", "select",
@@ -36,10 +44,8 @@ __all__ = [
 
 def _register_io_hook() -> None:
     """Let ``prunekit.io.load_model`` replay ``prune_record`` (rebuild dense → resize → load weights)."""
-    try:
-        from ..io import register_load_hook
-    except ImportError:  # pragma: no cover - io not installed in this checkout yet
-        return
+    from ..io import register_load_hook
+
     register_load_hook("prune_record", load_hook)
 
 

@@ -12,6 +12,14 @@ kept and are not counted).
 ``overrides`` map a module name or fnmatch pattern to a per-group ratio (used locally, even in global
 scope, and those groups leave the global pool). ``round`` is Python's ``round`` (half to even, as in the
 Neuron Merging code); ``floor`` has a 1e-9 tolerance so that ``floor(30·(1−0.9)) = 3``.
+
+``round_to`` (Torch-Pruning's name; hardware-friendly widths) applies last, after ``rounding``, the
+scope and the ≥ 1-channel-per-member rule: a group's kept width W (protected channels included) is
+raised to the next multiple of ``round_to``, ``⌈W / round_to⌉ · round_to``, by keeping the best-scoring
+removed channels back; when that exceeds the group's N channels, the group keeps all N. So a width is
+never 0, never more than N, protected channels stay kept, and ``round_to`` never removes more than the
+ratio asked for (ratio 0 still keeps everything; in global scope the overall ratio is then a lower
+bound). ``rounding`` only decides W before that; ``round_to=None`` or ``1`` changes nothing.
 """
 from __future__ import annotations
 
@@ -43,6 +51,23 @@ def check_choice(value: Any, choices: tuple[str, ...], what: str) -> str:
     if value not in choices:
         raise ConfigError(f"{what} must be one of {list(choices)}, got {value!r}")
     return value
+
+
+def check_round_to(round_to: Any) -> int | None:
+    """None or a positive int; anything else is a :class:`ConfigError` naming ``round_to``."""
+    if round_to is None:
+        return None
+    if isinstance(round_to, bool) or not isinstance(round_to, (int, np.integer)) or round_to < 1:
+        raise ConfigError(f"round_to must be a positive integer (each group keeps a multiple of it) or None, "
+                          f"got {round_to!r}")
+    return int(round_to)
+
+
+def round_width(kept: int, size: int, round_to: int | None) -> int:
+    """``kept`` raised to the next multiple of ``round_to``, at most ``size`` (see the module docstring)."""
+    if not round_to or round_to == 1:
+        return kept
+    return min(size, -(-kept // round_to) * round_to)
 
 
 def n_keep(n: int, ratio: float, rounding: str = "round") -> int:
@@ -89,11 +114,13 @@ def _top(scores: torch.Tensor, cand: np.ndarray, k: int) -> np.ndarray:
 
 
 def select(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: float, scope: str = "local",
-           rounding: str = "round", overrides: Mapping[int, float] | None = None) -> dict[int, list[int]]:
+           rounding: str = "round", overrides: Mapping[int, float] | None = None,
+           round_to: int | None = None) -> dict[int, list[int]]:
     """Kept channels (sorted) per prunable group; ``scores[g]`` has one entry per group channel."""
     ratio = check_ratio(ratio)
     check_choice(scope, SCOPES, "scope")
     check_choice(rounding, ROUNDINGS, "rounding")
+    round_to = check_round_to(round_to)
     overrides = dict(overrides or {})
     keep: dict[int, list[int]] = {}
     pool: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -117,7 +144,18 @@ def select(graph: ChannelGraph, scores: Mapping[int, torch.Tensor], *, ratio: fl
     for g in graph.prunable_groups:
         keep[g.id] = _cover_members(g, scores[g.id], keep[g.id],
                                     None if scope == "global" and g.id not in overrides else len(keep[g.id]))
+        if round_to:
+            keep[g.id] = _round_up(g, scores[g.id], keep[g.id], round_to)
     return keep
+
+
+def _round_up(group: Any, scores: torch.Tensor, keep: list[int], round_to: int) -> list[int]:
+    """Keep back the best-scoring removed channels until the width is a multiple of ``round_to`` (or all)."""
+    extra = round_width(len(keep), group.size, round_to) - len(keep)
+    if extra <= 0:
+        return keep
+    removed = np.setdiff1d(np.arange(group.size, dtype=np.int64), np.asarray(keep, dtype=np.int64))
+    return sorted(keep + _top(scores, removed, extra).tolist())
 
 
 def _cover_members(group: Any, scores: torch.Tensor, keep: list[int], budget: int | None) -> list[int]:
