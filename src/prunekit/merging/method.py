@@ -19,19 +19,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..compensate import LstsqOptions
+from ..compensate import LstsqOptions, ReconstructOptions, reconstruct_plan
+from ..engine import ChannelGraph, apply
 from ..errors import ConfigError
 from ..methods import MethodResult, PruneOptions, register_method
-from .core import MergeOptions, compensate, merge
+from .core import MergeOptions, compensate, merge, select
 
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
+_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout"}
 
 
 def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
     """:class:`MergeOptions` from the CLI/registry options (unknown ``extra`` keys are errors)."""
     extra = dict(getattr(options, "method_options", None) or {})
-    allowed = _MERGE_KEYS | _LSTSQ_KEYS  # merge ignores the lstsq-only keys (one command line for all)
+    allowed = _MERGE_KEYS | _LSTSQ_KEYS | _RECONSTRUCT_KEYS  # merge ignores the data-light keys
     unknown = sorted(set(extra) - allowed)
     if unknown:
         raise ConfigError(f"method option(s) {unknown} not understood by '{'lstsq' if lstsq else 'merge'}'; "
@@ -53,6 +55,16 @@ def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions
     return MergeOptions(ratio=options.ratio, criterion=criterion, scope=options.scope, rounding=options.rounding,
                         overrides=dict(options.overrides) or None, ignored=tuple(options.ignored) or None,
                         include_bias=include_bias, seed=options.seed, **kw)
+
+
+def _calibration_data(options: PruneOptions, method: str) -> Any:
+    data = getattr(options, "calibration_data", None)
+    if callable(data):
+        data = data()
+    if data is None:
+        raise ConfigError(f"method '{method}' needs calibration inputs: pass PruneOptions(calibration_data=dataset) "
+                          "(the CLI uses the training split of --dataset)")
+    return data
 
 
 def _details(report: dict[str, Any]) -> dict[str, Any]:
@@ -81,12 +93,7 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
     refitted by ridge least squares on unlabeled calibration inputs, layer by layer."""
     extra = dict(getattr(options, "method_options", None) or {})
     mo = merge_options(options, lstsq=True)
-    data = getattr(options, "calibration_data", None)
-    if callable(data):
-        data = data()
-    if data is None:
-        raise ConfigError("method 'lstsq' needs calibration inputs: pass PruneOptions(calibration_data=dataset) "
-                          "(the CLI uses the training split of --dataset)")
+    data = _calibration_data(options, "lstsq")
     lo = LstsqOptions(**{k: extra[k] for k in ("calibration", "ridge", "init", "intercept", "batch_size")
                          if extra.get(k) is not None},
                       select="greedy" if options.criterion == "greedy" else "criterion",
@@ -96,3 +103,29 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
                "calibration": lo.calibration, "ridge": lo.ridge, "select": lo.select, "init": lo.init,
                **_details(result.report)}
     return MethodResult(result.model, details)
+
+
+@register_method("reconstruct")
+def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
+    """Whole-layer reconstruction: survivors by the criterion (or a preset, e.g. ``resnet``), then every
+    consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
+    inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""
+    extra = dict(getattr(options, "method_options", None) or {})
+    if options.criterion == "greedy":
+        raise ConfigError("criterion 'greedy' is a survivor choice of 'lstsq'; 'reconstruct' keeps the survivors "
+                          "of a weight criterion (l1-norm, l2-norm, l2-GM, ...)")
+    mo = merge_options(options).replace(model_type="prune")
+    data = _calibration_data(options, "reconstruct")
+    ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout")
+                               if extra.get(k) is not None}, seed=int(extra.get("calibration_seed") or 0))
+    graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
+    plan, reports = reconstruct_plan(model, graph, select(model, graph, mo), data, ro)
+    new = apply(model, graph, plan)
+    new.prunekit_plan = plan
+    refit = [r for r in reports if r["action"] == "refit"]
+    removed = sum(g.size - len(g.keep) for g in plan.groups)
+    return MethodResult(new, {"criterion_used": options.criterion, "preset": mo.preset, "calibration": ro.calibration,
+                              "ridge": ro.ridge, "channels_removed": removed, "pruned": removed, "merged": 0,
+                              "consumers_refit": len(refit),
+                              "underdetermined": [r["module"] for r in refit if r["underdetermined"]],
+                              "groups": reports})

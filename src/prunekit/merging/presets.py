@@ -138,5 +138,7 @@ register_preset(Preset("vgg16-cifar100", _vgg_widths((1, 10, 11, 12, 13), "vgg16
                        uses_ratio=False))
 register_preset(Preset("resnet56", resnet_widths, 0.1, 0.85,
                        "CIFAR ResNet: every block's conv1, floor(c(1-r)), t = 0.1, lambda = 0.85"))
+register_preset(Preset("resnet", resnet_widths, 0.1, 0.85,
+                       "alias of resnet56 (any CIFAR ResNet depth): every block's conv1, floor(c(1-r))"))
 register_preset(Preset("wrn-40-4", wrn_widths, 0.1, 0.8,
                        "WRN: every block's conv1, floor(c/k (1-r)) k, t = 0.1, lambda = 0.8"))

@@ -1,0 +1,364 @@
+"""Whole-layer reconstruction: refit every consumer of a pruned group from a few unlabeled inputs.
+
+Neuron Merging and :mod:`.lstsq` compensate with one channel-mixing matrix M (N × P) shared by all of a
+group's consumers and all kernel taps. Here each consumer's *whole* weight over its kept inputs is refit
+so that its output on the pruned network's inputs matches the original network's output:
+
+    [W'; b'] = argmin_W,b  ‖Y_o − U(X_c) Wᵀ − 1 bᵀ‖² + λ ‖W − W_0‖²
+
+* ``Y_o`` (rows × O): the consumer's output in the original network (rows = samples × output positions);
+* ``U(X_c)`` (rows × D): its input in the compressed network (every earlier consumer already refit),
+  kept channels only, unfolded into patches for a convolution (D = I'·k_h·k_w; Linear: D = I');
+* ``W_0``: the original weight on the kept inputs (plain pruning), so a large λ falls back to pruning;
+* ``λ = r · tr(UᵀU)/D``, with ``r`` chosen from a grid on a held-out part of the calibration inputs
+  (plain least squares overfits small calibration sets), then refit on all of them;
+* the intercept ``b'`` (not shrunk) becomes the consumer's bias, or, for a bias-free layer read only by a
+  BatchNorm, a constant folded into that BN's running mean (exact in eval mode).
+
+Consumers are refit **in execution order**; only Gram matrices ``[U|1]ᵀ[U|1]`` ((D+1)²) and
+``[U|1]ᵀY_o`` ((D+1) × O) are accumulated, batch by batch, and both forward passes stop right after the
+consumer. A Gram larger than ``max_gram_bytes`` is refused with a message naming the layer and its size.
+Fewer rows than unknowns is fine (the ridge makes the system well-posed) and is flagged in the report.
+Supported consumers: ``nn.Linear`` (any leading dims: token sequences too) and ``nn.Conv1d/2d`` including
+grouped and depthwise convolutions (one solve per conv group); others are reported and left pruned.
+
+The result is a :class:`~prunekit.engine.Plan` whose :class:`~prunekit.engine.Refit` records surgery
+writes. No labels, no gradients.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..engine import ChannelGraph, Plan, Refit, apply
+from ..engine.masks import keep_masks, member_keep
+from ..errors import ConfigError
+from ..runtime import call, capture, eval_mode
+from .calibration import batches, calibration_inputs, call_order, take
+from .constants import followers
+
+RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """Options of :func:`reconstruct_plan`.
+
+    Attributes:
+        calibration: number of unlabeled calibration inputs (a seeded random subset of the data).
+        ridge: relative ridge ``r`` (λ = r · mean eigenvalue of UᵀU), or None to choose it from
+            ``ridge_grid`` on a held-out ``holdout`` fraction of the calibration inputs.
+        intercept: fit a constant per output (into the bias, or the following BatchNorm's running mean).
+        batch_size: calibration batch size.
+        max_gram_bytes: refuse a consumer whose Gram matrices would exceed this (bytes, float64).
+        seed: picks the calibration subset.
+    """
+
+    calibration: int = 1000
+    ridge: float | None = None
+    ridge_grid: tuple[float, ...] = RIDGE_GRID
+    holdout: float = 0.2
+    intercept: bool = True
+    batch_size: int = 100
+    max_gram_bytes: int = 2 << 30
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.calibration, int) or isinstance(self.calibration, bool) or self.calibration < 1:
+            raise ConfigError(f"calibration must be a positive number of inputs, got {self.calibration!r}")
+        if self.ridge is not None and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
+            raise ConfigError(f"ridge must be a non-negative number or None (chosen on held-out data), "
+                              f"got {self.ridge!r}")
+        if not self.ridge_grid or any(not r > 0 for r in self.ridge_grid):
+            raise ConfigError(f"ridge_grid must be positive numbers, got {self.ridge_grid!r}")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+
+    def replace(self, **kw: Any) -> ReconstructOptions:
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ridge_grid"] = list(self.ridge_grid)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# a consumer's regression problem
+
+
+def _conv_groups(module: nn.Module) -> int:
+    return int(getattr(module, "groups", 1))
+
+
+def supported(module: nn.Module) -> str | None:
+    """None when ``module`` can be refit; else why not."""
+    if isinstance(module, nn.Linear):
+        return None
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.transposed:
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        return None
+    return f"{type(module).__name__} is not refit (Linear and Conv1d/2d are)"
+
+
+def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The consumer's input as regression rows: Linear (rows, I); conv (rows, I·k) patches, where rows run
+    over samples and output positions and columns are ordered as the weight's ``(I, *kernel)``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
+    else:
+        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
+    if isinstance(p, str):
+        raise ConfigError(f"padding={p!r} is not supported by the reconstruction (give explicit padding)")
+    u = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, I·k, L)
+    return u.transpose(1, 2).reshape(-1, u.shape[1])
+
+
+def _outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The consumer's output as rows (rows, O), in the same row order as :func:`_patches`."""
+    if isinstance(module, nn.Linear):
+        return y.reshape(-1, y.shape[-1])
+    return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+
+
+@dataclass
+class _Normal:
+    """Normal equations of one conv group / linear layer: ``gram = [U|1]ᵀ[U|1]``, ``cross = [U|1]ᵀY``,
+    ``energy = ‖Y‖²``, ``rows``. The constant column is last (present even without intercept)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    energy: float = 0.0
+    rows: int = 0
+
+    @classmethod
+    def zeros(cls, d: int, o: int) -> _Normal:
+        return cls(torch.zeros(d + 1, d + 1, dtype=torch.float64), torch.zeros(d + 1, o, dtype=torch.float64))
+
+    def add(self, u: torch.Tensor, y: torch.Tensor) -> None:
+        u = torch.cat([u.double(), torch.ones(u.shape[0], 1, dtype=torch.float64, device=u.device)], 1)
+        y = y.double()
+        self.gram += (u.t() @ u).cpu()
+        self.cross += (u.t() @ y).cpu()
+        self.energy += float((y * y).sum())
+        self.rows += u.shape[0]
+
+    def absorb(self, other: _Normal) -> _Normal:
+        """Add ``other``'s statistics to these (in place); returns self."""
+        self.gram += other.gram
+        self.cross += other.cross
+        self.energy += other.energy
+        self.rows += other.rows
+        return self
+
+    def error(self, coef: torch.Tensor) -> float:
+        """‖Y − [U|1] coef‖² / ‖Y‖² from the statistics alone."""
+        e = self.energy - 2 * float(torch.sum(coef * self.cross)) + float(torch.sum(coef * (self.gram @ coef)))
+        return e / self.energy if self.energy > 0 else 0.0
+
+
+def _solve(stats: _Normal, prior: torch.Tensor, r: float, intercept: bool) -> torch.Tensor:
+    """Ridge solution (D+1, O) shrunk towards ``prior`` (D+1, O); without intercept the constant row is 0."""
+    d = stats.gram.shape[0] - 1
+    lam = r * float(torch.trace(stats.gram[:d, :d])) / max(d, 1)
+    lam = lam if lam > 0 else r
+    idx = torch.arange(d + 1) if intercept else torch.arange(d)
+    pen = torch.full((len(idx),), lam, dtype=torch.float64)
+    if intercept:
+        pen[-1] = 0.0
+    a = stats.gram[idx][:, idx] + torch.diag(pen)
+    rhs = stats.cross[idx] + pen[:, None] * prior[idx]
+    try:
+        sol = torch.linalg.solve(a, rhs)
+    except RuntimeError:  # singular (ridge 0 and rank-deficient inputs)
+        sol = torch.linalg.lstsq(a, rhs).solution
+    out = torch.zeros_like(prior)
+    out[idx] = sol
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one consumer
+
+
+@dataclass
+class _Consumer:
+    name: str
+    module: nn.Module  # in the original model
+    keep: np.ndarray  # bool over its original inputs
+    groups: int
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Per conv group: (its kept inputs as indices into the weight's input dim, the same inputs in the
+        pruned model's input, its output rows)."""
+        n_in = len(self.keep)
+        n_out = self.module.weight.shape[0]
+        gi, go = n_in // self.groups, n_out // self.groups
+        new_index = np.cumsum(self.keep) - 1
+        out = []
+        for g in range(self.groups):
+            local = np.nonzero(self.keep[g * gi:(g + 1) * gi])[0]
+            out.append((torch.from_numpy(local), torch.from_numpy(new_index[local + g * gi]),
+                        torch.arange(g * go, (g + 1) * go)))
+        return out
+
+    def prior(self, local_in: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
+        """(D+1, O_g): the original weight on one block's kept inputs, with the original bias last."""
+        w = self.module.weight.detach().double()[out_rows][:, local_in]
+        b = self.module.bias
+        bias = b.detach().double()[out_rows] if b is not None else torch.zeros(len(out_rows), dtype=torch.float64)
+        return torch.cat([w.reshape(len(out_rows), -1), bias[:, None]], 1).t()
+
+
+def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise ConfigError(f"the calibration {what} of '{name}' contain NaN or Inf (check the inputs and the "
+                          "model's weights)")
+
+
+def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, batch_size: int,
+                n_train: int) -> tuple[list[_Normal], list[_Normal]]:
+    """(train, held-out) normal equations per conv group of consumer ``c``."""
+    blocks = c.blocks()
+    sizes = [len(b[0]) * int(np.prod(c.module.weight.shape[2:], dtype=np.int64)) for b in blocks]
+    train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
+    val = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
+    seen = 0
+    for xb in batches(inputs, batch_size):
+        with capture(original, [c.name], what="output", stop=True) as y:
+            call(original, xb)
+        with capture(compressed, [c.name], stop=True) as x:
+            call(compressed, xb)
+        y, x = y[c.name], x[c.name]
+        _check_finite(x, c.name, "inputs")
+        _check_finite(y, c.name, "outputs")
+        n = x.shape[0]
+        cut = min(max(n_train - seen, 0), n)  # rows of this batch that belong to the training part
+        for stats_list, part in ((train, slice(0, cut)), (val, slice(cut, n))):
+            if part.stop <= part.start:
+                continue
+            for stats, (_, in_new, out_rows) in zip(stats_list, blocks):
+                dim = -1 if isinstance(c.module, nn.Linear) else 1
+                xs = x[part].index_select(dim, in_new.to(x.device))
+                ys = y[part].index_select(dim, out_rows.to(y.device))
+                yrows = _outputs(c.module, ys)
+                u = _patches(c.module, xs) if xs.shape[dim] else yrows.new_zeros(yrows.shape[0], 0)
+                stats.add(u, yrows)
+        seen += n
+    return train, val
+
+
+def _refit_consumer(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, n_total: int,
+                    options: ReconstructOptions, intercept: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """New weight (O, I'/groups, *k) and intercept (O,) of one consumer, and its report."""
+    blocks = c.blocks()
+    k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
+    d_max = max(len(b[0]) * k for b in blocks) + 1
+    need = 2 * d_max * d_max * 8 * len(blocks)
+    if need > options.max_gram_bytes:
+        raise ConfigError(f"reconstructing '{c.name}' needs Gram matrices of {need / 2**30:.2f} GiB "
+                          f"({len(blocks)} × ({d_max})²), over max_gram_bytes={options.max_gram_bytes}; prune "
+                          "this layer without refit (ignore it) or raise the limit")
+    choose = options.ridge is None
+    n_train = n_total - max(1, round(options.holdout * n_total)) if choose and n_total > 1 else n_total
+    train, val = _statistics(original, compressed, c, inputs, options.batch_size, n_train)
+    priors = [c.prior(b[0], b[2]) for b in blocks]
+    if choose and all(v.rows for v in val):
+        scores = {r: sum(v.error(_solve(t, p, r, intercept)) * v.energy for t, v, p in zip(train, val, priors))
+                  for r in options.ridge_grid}
+        ridge = min(scores, key=lambda r: (scores[r], -r))
+    else:
+        ridge = options.ridge if options.ridge is not None else options.ridge_grid[len(options.ridge_grid) // 2]
+    full = [t.absorb(v) for t, v in zip(train, val)]
+    sols = [_solve(s, p, ridge, intercept) for s, p in zip(full, priors)]
+    energy = sum(s.energy for s in full)
+    before = sum(s.error(p) * s.energy for s, p in zip(full, priors)) / max(energy, 1e-300)
+    if not intercept:  # plain pruning keeps the original bias; so does a refit without intercept
+        for sol, p in zip(sols, priors):
+            sol[-1] = p[-1]
+    after = sum(s.error(sol) * s.energy for s, sol in zip(full, sols)) / max(energy, 1e-300)
+    o, width = c.module.weight.shape[0], max(len(b[0]) for b in blocks)  # a block that keeps no input
+    weight = torch.cat([sol[:-1].t() if len(b[0]) == width else torch.zeros(len(b[2]), width * k, dtype=sol.dtype)
+                        for sol, b in zip(sols, blocks)]).reshape(o, width, *c.module.weight.shape[2:])
+    bias = torch.cat([sol[-1] for sol in sols])
+    rows, unknowns = full[0].rows, d_max
+    report = {"module": c.name, "rows": rows, "unknowns": unknowns, "underdetermined": rows < unknowns,
+              "ridge": ridge, "ridge_chosen": choose, "rel_error_pruned": before, "rel_error": after,
+              "intercept": intercept, "conv_groups": c.groups}
+    return weight, bias, report
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+
+def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
+                     options: ReconstructOptions | None = None, *, progress: bool = False
+                     ) -> tuple[Plan, list[dict[str, Any]]]:
+    """Refit every consumer that loses inputs under ``plan`` (see the module docstring).
+
+    Args:
+        model: the original model (only read).
+        graph: its :class:`ChannelGraph`.
+        plan: the survivors (merge matrices, if any, are kept for consumers that cannot be refit).
+        data: calibration inputs: a tensor, a dict of tensors (token models) or a dataset; labels unused.
+        options: :class:`ReconstructOptions`.
+
+    Returns:
+        ``(plan with Refit records, one report per consumer)``.
+    """
+    options = options or ReconstructOptions()
+    inputs = calibration_inputs(data, options.calibration, options.seed)
+    n_total = options.calibration
+    masks = keep_masks(graph, plan).masks
+    todo: list[_Consumer] = []
+    reports: list[dict[str, Any]] = []
+    for m in graph.members:
+        if m.role != "in":
+            continue
+        keep = member_keep(m, masks)
+        if keep.all():
+            continue
+        module = model.get_submodule(m.module)
+        if (why := supported(module)) is not None:
+            reports.append({"module": m.module, "action": "pruned", "reason": why})
+            continue
+        todo.append(_Consumer(m.module, module, keep, _conv_groups(module)))
+    with eval_mode(model):
+        order = call_order(model, take(inputs, slice(0, 1)))
+    todo.sort(key=lambda c: order.get(c.name, 1 << 30))
+    follow = followers(model) if options.intercept else {}
+    refits: list[Refit] = list(plan.refits)
+    bar = tqdm(total=len(todo), desc="reconstruct", leave=False, disable=not progress, file=sys.stderr)
+    for c in todo:
+        compressed = apply(model, graph, plan.with_refits(refits), verify=False)
+        norm = follow.get(c.name) if c.module.bias is None else None
+        intercept = options.intercept and (c.module.bias is not None or norm is not None)
+        with eval_mode(model, compressed):
+            weight, bias, rep = _refit_consumer(model, compressed, c, inputs, n_total, options, intercept)
+        if c.module.bias is not None:
+            refit = Refit(module=c.name, weight=weight, bias=bias)
+        elif intercept:
+            refit = Refit(module=c.name, weight=weight, offset=bias, norm=norm)
+        else:
+            refit = Refit(module=c.name, weight=weight)
+        refit.provenance = {k: v for k, v in rep.items() if k != "module"}
+        refits.append(refit)
+        reports.append({**rep, "action": "refit", "norm": norm})
+        bar.update(1)
+    bar.close()
+    meta = {**plan.meta, "method": "reconstruct", "reconstruct": options.to_dict()}
+    return Plan(groups=list(plan.groups), meta=meta, refits=refits), reports

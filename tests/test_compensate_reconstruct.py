@@ -1,0 +1,228 @@
+"""Whole-layer reconstruction (``prunekit.compensate.reconstruct``): exact recovery where the pruned
+channels are redundant, intercepts into a bias or the following BatchNorm, grouped convs, token and
+dict inputs, bad input, save → reload, and the ``reconstruct`` method / CLI (synthetic data only)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from prunekit.compensate import ReconstructOptions, reconstruct_plan
+from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply, make_plan
+from prunekit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def redundant_mlp() -> nn.Module:
+    """Hidden neuron 3 = 2 × neuron 0 and neuron 4 = neuron 1 + 0 (ReLU is positively homogeneous)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[3] = 2 * net[0].weight[0]
+        net[0].bias[3] = 2 * net[0].bias[0]
+        net[0].weight[4] = net[0].weight[1]
+        net[0].bias[4] = net[0].bias[1]
+    return net
+
+
+def test_redundant_neurons_are_recovered_exactly_by_the_refit():
+    net = redundant_mlp()
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(1))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2], size=5)])
+    fitted, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300, ridge=0.0))
+    with torch.no_grad():
+        assert rel_error(apply(net, graph, plan)(x), net(x)) > 0.05  # pruning alone loses them
+        assert rel_error(apply(net, graph, fitted)(x), net(x)) < 1e-6
+    (rep,) = reports
+    assert rep["module"] == "2" and rep["action"] == "refit" and rep["rel_error"] < 1e-10 < rep["rel_error_pruned"]
+    w = fitted.refit("2").weight  # the closed form: the copies' columns added onto their originals
+    want = net[2].weight.detach().double()[:, :3].clone()
+    want[:, 0] += 2 * net[2].weight.detach().double()[:, 3]
+    want[:, 1] += net[2].weight.detach().double()[:, 4]
+    assert torch.allclose(w, want, atol=1e-6)
+
+
+def conv_net(bias: bool) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 4, 3, padding=1, bias=bias),
+                        nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[4] = 0.5 * net[0].weight[1]  # channel 4 = 0.5 · channel 1
+        net[0].bias[4] = 0.5 * net[0].bias[1]
+        net[0].weight[5] = 0.0  # channel 5 is the constant relu(0.7) = 0.7
+        net[0].bias[5] = 0.7
+        net[3].running_mean.uniform_(-0.5, 0.5)
+        net[3].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_refit_is_exact_for_a_scaled_copy_and_a_constant_channel(bias):
+    """3×3 padded consumer: the copy is exact at every tap; the constant channel is exact away from the
+    zero-padded border, so the refit error is small but not zero — far below plain pruning. Without a bias
+    the constant goes into the BatchNorm that follows (running_mean −= c)."""
+    net = conv_net(bias)
+    x = torch.randn(200, 2, 6, 6, generator=torch.Generator().manual_seed(2))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2, 3], size=6)])
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=200, ridge=1e-8))
+    refit = fitted.refit("2")
+    assert (refit.bias is not None) == bias and (refit.norm == "3") == (not bias)
+    assert rep["intercept"] and rep["rel_error"] < 0.1 * rep["rel_error_pruned"]
+    with torch.no_grad():
+        new = apply(net, graph, fitted)
+        assert rel_error(new(x), net(x)) < 0.1 * rel_error(apply(net, graph, plan)(x), net(x))
+        if not bias:
+            assert not torch.equal(new[3].running_mean, net[3].running_mean)
+
+
+def test_unpadded_conv_with_constant_channel_is_exact():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Conv2d(5, 3, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[4] = 0.0
+        net[0].bias[4] = 0.3
+        net[0].weight[3] = 3 * net[0].weight[0]
+        net[0].bias[3] = 3 * net[0].bias[0]
+    x = torch.randn(100, 2, 7, 7, generator=torch.Generator().manual_seed(3))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2], size=5)])
+    fitted, _ = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=100, ridge=0.0))
+    with torch.no_grad():
+        assert rel_error(apply(net, graph, fitted)(x), net(x)) < 1e-6
+
+
+def test_depthwise_and_grouped_consumers_are_refit_per_conv_group():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(120, 3, 6, 6, generator=torch.Generator().manual_seed(4))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = make_plan(net, graph, ratio=0.5)
+    fitted, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=120))
+    by_module = {r["module"]: r for r in reports}
+    assert by_module["4"]["conv_groups"] == 2 and by_module["4"]["action"] == "refit"
+    assert all(r["rel_error"] <= r["rel_error_pruned"] + 1e-9 for r in reports)
+    with torch.no_grad():
+        pruned, refit = apply(net, graph, plan), apply(net, graph, fitted)
+        assert refit[4].groups == pruned[4].groups and refit[4].weight.shape == pruned[4].weight.shape
+        assert rel_error(refit(x), net(x)) < rel_error(pruned(x), net(x))
+
+
+class TokenModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 8)
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        h = h + self.down(torch.relu(self.up(h)))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return self.head(h)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_token_ids_and_dict_inputs_pass_through_untouched(as_dict):
+    torch.manual_seed(0)
+    model = TokenModel().eval()
+    ids = torch.randint(0, 50, (64, 10), generator=torch.Generator().manual_seed(5))
+    data = {"input_ids": ids, "attention_mask": torch.ones(64, 10)} if as_dict else ids
+    example = {"input_ids": ids[:1], "attention_mask": torch.ones(1, 10)} if as_dict else ids[:1]
+    graph = ChannelGraph.build(model, example)
+    plan = make_plan(model, graph, ratio=0.0, overrides={"up": 0.5})  # MLP neurons only
+    assert len(plan.group(graph.group("up").id).keep) == 8
+    fitted, reports = reconstruct_plan(model, graph, plan, data, ReconstructOptions(calibration=64))
+    assert [r["module"] for r in reports] == ["down"] and reports[0]["rows"] == 64 * 10
+    call = (lambda m: m(**data)) if as_dict else (lambda m: m(ids))
+    with torch.no_grad():
+        assert rel_error(call(apply(model, graph, fitted)), call(model)) < rel_error(
+            call(apply(model, graph, plan)), call(model))
+
+
+def test_fewer_samples_than_unknowns_is_solved_by_the_ridge_and_reported():
+    net = conv_net(True)
+    x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(6))  # 3·4 rows < 4·9+1 unknowns
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2, 3], size=6)])
+    _, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=3))
+    assert rep["underdetermined"] and rep["rows"] == 12 and rep["unknowns"] == 37
+
+
+def test_nan_activations_and_oversized_grams_are_errors_naming_the_layer():
+    net = redundant_mlp()
+    x = torch.randn(20, 6)
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2], size=5)])
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(ConfigError, match="'2' contain NaN"):
+        reconstruct_plan(net, graph, plan, bad, ReconstructOptions(calibration=20))
+    with pytest.raises(ConfigError, match="reconstructing '2' needs Gram matrices"):
+        reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=20, max_gram_bytes=100))
+    with pytest.raises(ConfigError, match="holdout"):
+        ReconstructOptions(holdout=1.0)
+
+
+def test_held_out_ridge_choice_is_one_of_the_grid_and_not_worse_than_pruning():
+    net = conv_net(True)
+    x = torch.randn(60, 2, 6, 6, generator=torch.Generator().manual_seed(7))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = make_plan(net, graph, ratio=0.5)
+    opts = ReconstructOptions(calibration=60, ridge_grid=(1e-3, 1e-1, 10.0))
+    _, reports = reconstruct_plan(net, graph, plan, x, opts)
+    assert all(r["ridge_chosen"] and r["ridge"] in opts.ridge_grid for r in reports)
+
+
+def test_reconstructed_zoo_model_reloads_bit_exactly_without_the_method_modules(tmp_path):
+    from prunekit.io import save_model
+    from prunekit.methods import PruneOptions, get_method
+    from prunekit.models import create
+
+    torch.manual_seed(0)
+    model = create("lenet-300-100").eval()
+    data = torch.randn(200, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    result = get_method("reconstruct")(model, data[:1], PruneOptions(
+        ratio=0.7, calibration_data=data, method_options={"calibration": 200}))
+    assert result.details["consumers_refit"] == 2 and result.details["channels_removed"] == 280
+    save_model(tmp_path / "small", result.model)
+    with torch.no_grad():
+        want = result.model(data[:8])
+    torch.save(data[:8].clone(), tmp_path / "x.pt")
+    script = (
+        "import sys, torch\n"
+        "from prunekit.io import load_model\n"
+        f"m, _ = load_model({str(tmp_path / 'small')!r})\n"
+        "assert not any(k.startswith(('prunekit.compensate', 'prunekit.merging')) for k in sys.modules), sorted(sys.modules)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m.eval()(x), {str(tmp_path / 'y.pt')!r})\n")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert torch.equal(torch.load(tmp_path / "y.pt", weights_only=True), want)
+
+
+def test_cli_prune_reconstruct_reports_method_seconds(capsys, tmp_path):
+    from prunekit.cli import main
+
+    assert main(["train", "--model", "lenet-300-100", "--dataset", "synthetic", "--recipe", "fast",
+                 "--epochs", "1", "--out", str(tmp_path / "dense"), "--json"]) == 0
+    capsys.readouterr()
+    assert main(["prune", "--checkpoint", str(tmp_path / "dense"), "--dataset", "synthetic", "--method",
+                 "reconstruct", "--ratio", "0.5", "--calibration", "200", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["method"] == "reconstruct" and report["consumers_refit"] == 2
+    assert report["method_seconds"] > 0 and report["params"] < report["params_before"]
+    assert report["accuracy"] >= report["accuracy_before"] - 15.0
