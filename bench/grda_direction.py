@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from common import ROOT, markdown_table, write_section
 
-from prunekit.callbacks import NormRatioLogger, SparsityLogger
 from prunekit.cli import main as cli_main
 from prunekit.data import get_dataset
 from prunekit.models import create
+from prunekit.optim.grda import NormRatioLogger, SparsityLogger
 from prunekit.recipes import get_recipe
 from prunekit.train import seed_everything, train
 

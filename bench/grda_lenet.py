@@ -22,9 +22,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, markdown_table, write_section
 
-from prunekit.grda_studies import LENET, GrdaRuns, cached_training_minutes, plot_study, run_study
 from prunekit.recipes import get_recipe
 from prunekit.reproduce import StudyOptions
+from prunekit.studies.grda import LENET, GrdaRuns, cached_training_minutes, plot_study, run_study
 
 PLOT = ROOT / "docs" / "grda_lenet.png"
 TITLE = "grda-lenet300-fmnist"

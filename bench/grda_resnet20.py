@@ -20,8 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, write_section
 
-from prunekit.grda_studies import RESNET20, cached_training_minutes, plot_study, run_study
 from prunekit.reproduce import StudyOptions
+from prunekit.studies.grda import RESNET20, cached_training_minutes, plot_study, run_study
 
 PLOT = ROOT / "docs" / "grda_resnet20.png"
 TITLE = "grda-resnet20-fmnist"

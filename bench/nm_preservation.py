@@ -21,8 +21,8 @@ from prunekit.data import get_dataset, make_loader
 from prunekit.evidence import feature_preservation, ware_terms
 from prunekit.io import load_model
 from prunekit.merging import MergeOptions, merge
-from prunekit.merging.studies import CRITERIA, LENET_CHECKPOINT, LENET_PAPER
 from prunekit.metrics import evaluate
+from prunekit.studies.merging import CRITERIA, LENET_CHECKPOINT, LENET_PAPER
 
 METRICS = ("output_relative_l2", "ware", "agreement", "kl")
 #: True when a smaller value is better

@@ -1,4 +1,4 @@
-"""gRDA optimizer (spec/grda.md §1, §6, §7), its recipes, the SparsityLogger callback and the CLI flags."""
+"""gRDA optimizer (docs/grda.md), its soft-threshold paths, recipes, the SparsityLogger callback and the CLI flags."""
 from __future__ import annotations
 
 import copy
@@ -12,14 +12,14 @@ from ddp_util import run_two_ranks
 from safetensors.torch import load_file
 from torch import nn
 
-from prunekit.callbacks import SparsityLogger
 from prunekit.cli import main
 from prunekit.data import get_dataset
 from prunekit.errors import ConfigError
 from prunekit.io import load_state, save_state
 from prunekit.metrics import sparsity
 from prunekit.optim import GRDA, create_optimizer, create_schedule, list_optimizers
-from prunekit.optim.grda import threshold_increment
+from prunekit.optim.grda import SparsityLogger, soft_threshold, threshold_increment
+from prunekit.optim.grda import optimizer as grda_optimizer
 from prunekit.recipes import TrainRecipe, get_recipe
 from prunekit.train import train
 
@@ -66,7 +66,7 @@ def test_c_zero_is_exactly_plain_sgd(foreach):
 def test_threshold_and_soft_threshold_against_hand_computation():
     c, mu = 0.1, 0.6
     lrs = [0.1, 0.1, 0.05, 0.2]
-    # τ_k = Σ_i c·γ_i^{μ+½}·(i^μ − (i−1)^μ), each increment with that step's lr (spec §1.2)
+    # τ_k = Σ_i c·γ_i^{μ+½}·(i^μ − (i−1)^μ), each increment with that step's lr (docs/grda.md)
     taus = [0.007943282347242814, 0.012039764646185534, 0.013586754883040467, 0.019788164577742025]
     assert taus[0] == pytest.approx(c * 0.1 ** 1.1, rel=1e-15)
     w0 = [0.30, -0.30, 0.010, -0.004, 0.0, 0.02]
@@ -113,7 +113,7 @@ def test_parameters_without_gradients_are_skipped():
     opt.step()
     b.grad = torch.zeros(2)
     opt.step()
-    assert opt.state[a]["step"] == 3 and opt.state[b]["step"] == 1  # per-tensor counters (spec §6.1)
+    assert opt.state[a]["step"] == 3 and opt.state[b]["step"] == 1  # per-tensor counters
     assert opt.state[b]["threshold"] == pytest.approx(0.1 * 0.1 ** 1.1)
 
 
@@ -146,6 +146,66 @@ def test_foreach_and_reference_paths_agree():
     assert (models[0][1].bias != 0).all()  # c = 0 group: never thresholded
 
 
+# ------------------------------------------------------------------ soft-threshold: fused and public paths
+
+
+def _values_with_ties(n: int, tau: float, seed: int, dtype=torch.float32) -> torch.Tensor:
+    """Random values plus exact ties at ±τ (τ as rounded to ``dtype``, the value the kernels compare with),
+    the neighbouring floats on both sides, ±0 and ±inf."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor(tau, dtype=dtype)
+    beside = [torch.nextafter(t, torch.tensor(math.inf, dtype=dtype)), torch.nextafter(t, torch.tensor(0, dtype=dtype))]
+    special = torch.stack([t, -t, *beside, *(-b for b in beside)]).to(dtype)
+    extra = torch.tensor([0.0, -0.0, math.inf, -math.inf], dtype=dtype)
+    return torch.cat([torch.randn(n, generator=g, dtype=torch.float32).to(dtype) * 3 * tau, special, extra])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("tau", [0.0, 1e-3, 0.25, 1.0])
+def test_soft_threshold_fused_public_and_formula_agree(monkeypatch, dtype, tau):
+    v = _values_with_ties(5000, tau, seed=int(tau * 1000), dtype=dtype)
+    expected = torch.where(v.abs() <= tau, torch.zeros_like(v), v - torch.sign(v) * tau)  # S_τ by definition
+    fused = soft_threshold(v, tau, out=torch.empty_like(v))
+    public = nn.functional.softshrink(v, tau)
+    tensor_tau = soft_threshold(v, torch.full_like(v, tau))  # per-element τ: sign(v)·clamp(|v| − τ, min=0)
+    monkeypatch.setattr(grda_optimizer, "_FUSED_SOFTSHRINK", None)  # a torch without the private binding
+    fallback = soft_threshold(v, tau, out=torch.empty_like(v))
+    for got in (fused, public, tensor_tau, fallback):
+        assert got.dtype == dtype
+        assert torch.equal(got, expected), (got - expected).abs().max()
+        assert ((got == 0) == (v.abs() <= tau)).all()  # ties at the threshold are exact zeros on every path
+
+
+def test_soft_threshold_per_element_tau():
+    v = torch.tensor([0.5, -0.5, 0.2, -0.2, 0.0, 3.0])
+    tau = torch.tensor([0.5, 0.4, 0.1, 0.3, 0.1, 0.0])
+    torch.testing.assert_close(soft_threshold(v, tau), torch.tensor([0.0, -0.1, 0.1, 0.0, 0.0, 3.0]), rtol=0,
+                               atol=1e-7)
+    out = torch.empty(6, dtype=torch.float64)
+    assert soft_threshold(v, tau, out=out) is out and out.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grda_without_the_private_softshrink_is_bit_identical(monkeypatch, dtype):
+    """The public fallback of the fused kernel gives the same weights, accumulators and zeros."""
+    models, opts = [mlp(dtype=dtype), mlp(dtype=dtype)], []
+    for m in models:
+        opts.append(GRDA(m.parameters(), lr=0.1, c=0.05, mu=0.55))
+    data = batches(20, dtype=dtype)
+    for (x, y) in data:
+        for j, (m, opt) in enumerate(zip(models, opts)):
+            if j == 1:
+                monkeypatch.setattr(grda_optimizer, "_FUSED_SOFTSHRINK", None)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(m(x).float(), y).backward()
+            opt.step()
+            monkeypatch.undo()
+    assert_same(models[0], models[1])
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(opts[0].state[p]["accumulator"], opts[1].state[q]["accumulator"])
+    assert (models[0][1].weight == 0).float().mean() > 0.1  # the threshold was exercised
+
+
 # ------------------------------------------------------------------ state, precision
 
 
@@ -171,7 +231,7 @@ def test_resume_through_save_state_is_identical_and_zeros_stay_zero(tmp_path):
     train_steps(resumed, opt2, data[10:], lrs[10:])
     assert_same(resumed, full)
 
-    # The pitfall the optimizer state prevents (spec §6.5): a fresh gRDA restarts τ at 0 and regrows.
+    # The pitfall the optimizer state prevents: a fresh gRDA restarts τ at 0 and regrows.
     naive = mlp()
     naive.load_state_dict(state["model"])
     train_steps(naive, GRDA(naive.parameters(), lr=0.1, c=0.2, mu=0.6), data[10:11], lrs[10:11])
@@ -329,7 +389,7 @@ import sys
 import torch
 from torch import nn
 from prunekit import distributed
-from prunekit.callbacks import SparsityLogger
+from prunekit.optim.grda import SparsityLogger
 from prunekit.data import get_dataset
 from prunekit.recipes import TrainRecipe
 from prunekit.train import train

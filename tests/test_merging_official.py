@@ -275,7 +275,7 @@ def test_preset_widths_follow_the_official_rounding():
 
 
 def test_preset_study_table_runs_on_any_loader():
-    from prunekit.merging.studies import preset_markdown, preset_table
+    from prunekit.studies.merging import preset_markdown, preset_table
 
     torch.manual_seed(12)
     model = randomize_bn(create("resnet-cifar", depth=8, shortcut="B", input_size=16), seed=13)

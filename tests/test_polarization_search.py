@@ -73,8 +73,8 @@ def test_paper_recipes_and_schedules():
 
 
 def test_study_registry_and_pipeline_on_synthetic_data(tmp_path):
-    from prunekit.polarization.studies import StudySpec, run_study
     from prunekit.reproduce import StudyOptions, list_studies
+    from prunekit.studies.polarization import StudySpec, run_study
 
     names = set(list_studies())
     assert {"polarization-resnet20-fmnist", "polarization-resnet56-cifar10", "polarization-vgg16-cifar10",
@@ -129,8 +129,9 @@ def test_paper_study_specs_are_consistent():
     from prunekit.data import dataset_info
     from prunekit.models import create
     from prunekit.polarization import PRESETS, add_gates, select_factors
-    from prunekit.polarization.recipes import PAPER_STUDIES, _paper_studies
     from prunekit.recipes import get_recipe
+    from prunekit.studies.polarization import PAPER_STUDIES
+    from prunekit.studies.polarization import paper_studies as _paper_studies
 
     specs = _paper_studies()
     assert set(specs) == set(PAPER_STUDIES)

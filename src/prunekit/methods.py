@@ -53,7 +53,8 @@ class MethodResult:
 
 
 Method = Callable[[nn.Module, Any, PruneOptions], MethodResult]
-METHODS: Registry[Method] = Registry("pruning method")
+#: built-in methods: ``prune`` (below), ``merge``/``lstsq`` (Neuron Merging), ``polarization``
+METHODS: Registry[Method] = Registry("pruning method", builtins=("prunekit.merging.method", "prunekit.polarization"))
 
 
 def register_method(name: str) -> Callable[[Method], Method]:
@@ -61,25 +62,11 @@ def register_method(name: str) -> Callable[[Method], Method]:
 
 
 def get_method(name: str) -> Method:
-    _load_builtin_methods()
     return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
-    _load_builtin_methods()
     return METHODS.names()
-
-
-def _load_builtin_methods() -> None:
-    """Import the method packages that register methods here (optional ones may be absent)."""
-    import importlib
-
-    for module in ("prunekit.polarization", "prunekit.merging.method"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
 
 
 @register_method("prune")

@@ -1,6 +1,6 @@
 """The regularizer hook of the Trainer: a loss term before backward, a projection after each step.
 
-A regularizer (e.g. Polarization, ``spec/polarization.md`` §1) needs two things from a training loop:
+A regularizer (e.g. Polarization, ``docs/polarization.md``) needs two things from a training loop:
 
 - ``penalty(model)``: a scalar tensor added to the (batch-mean) task loss before ``backward``, so its
   gradient flows through the same optimizer as the rest (momentum, weight decay, gradient averaging
@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from .registry import Registry
 
 
 class Regularizer:
@@ -49,31 +51,22 @@ class NoRegularizer(Regularizer):
 
 # --------------------------------------------------------------------------- registry
 # ``create_regularizer("polarization", model, lam=1e-4, t=1.2)``: factories take the model (to select
-# the factors they act on) and keyword options. Method packages register theirs on import.
+# the factors they act on) and keyword options. ``polarization`` and ``slimming`` come from
+# :mod:`prunekit.polarization`, imported on the first lookup.
 
-from .registry import Registry
-
-REGULARIZERS: Registry = Registry("regularizer")
+REGULARIZERS: Registry = Registry("regularizer", builtins=("prunekit.polarization",))
 REGULARIZERS.register("none", lambda model, **kw: NoRegularizer())
-
-
-def _load_builtin_regularizers() -> None:
-    import importlib
-
-    for module in ("prunekit.polarization",):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise
 
 
 def create_regularizer(name: str, model: nn.Module, **kw: Any) -> Regularizer:
     """Build the registered regularizer ``name`` for ``model`` (e.g. ``"polarization"``, ``"slimming"``)."""
-    _load_builtin_regularizers()
     return REGULARIZERS.get(name)(model, **kw)
 
 
 def list_regularizers() -> list[str]:
-    _load_builtin_regularizers()
     return REGULARIZERS.names()
+
+
+def _load_builtin_regularizers() -> None:
+    """Deprecated no-op kept for old callers: every registry now loads its built-in entries itself."""
+    REGULARIZERS.load()

@@ -1,9 +1,10 @@
 """Paper studies runnable in one command: ``prunekit reproduce NAME [--checkpoint C] [--epochs N] [--json]``.
 
 A study is a function ``fn(options: StudyOptions) -> (report dict, markdown table str)``; the
-report is what ``--json`` prints, the table what a human sees. Method modules register their
-studies here (Neuron Merging's LeNet table, Polarization and gRDA Fashion-MNIST studies, and the
-GPU-sized paper recipes).
+report is what ``--json`` prints, the table what a human sees. This module is only the registry: the
+studies themselves live in the :mod:`prunekit.studies` package (one module per paper), which the
+library never imports; the registry names those modules as strings and imports them on the first
+lookup, like every other registry (:class:`prunekit.registry.Registry`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from .registry import Registry
 
 @dataclass(frozen=True)
 class StudyOptions:
+    """What ``prunekit reproduce`` passes to a study (``extra``: the ``--set KEY=VALUE`` options)."""
+
     checkpoint: str | None = None
     data_root: str | None = None
     device: str | None = None
@@ -28,7 +31,9 @@ class StudyOptions:
 
 
 Study = Callable[[StudyOptions], tuple[dict[str, Any], str]]
-STUDIES: Registry[Study] = Registry("study")
+#: one module per paper: Neuron Merging (``nm-*``), Polarization (``polarization-*``), gRDA (``grda-*``)
+STUDIES: Registry[Study] = Registry("study", builtins=(
+    "prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda"))
 
 
 def register_study(name: str) -> Callable[[Study], Study]:
@@ -36,22 +41,8 @@ def register_study(name: str) -> Callable[[Study], Study]:
 
 
 def get_study(name: str) -> Study:
-    _load_builtin_studies()
     return STUDIES.get(name)
 
 
 def list_studies() -> list[str]:
-    _load_builtin_studies()
     return STUDIES.names()
-
-
-def _load_builtin_studies() -> None:
-    """Import the method modules that register studies (optional ones may be absent)."""
-    import importlib
-
-    for module in ("prunekit.merging.studies", "prunekit.polarization.studies", "prunekit.grda_studies"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not module.startswith(exc.name):
-                raise

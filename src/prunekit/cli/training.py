@@ -46,7 +46,7 @@ def cmd_train(args: argparse.Namespace) -> Report:
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
     callbacks = []
     if recipe.optimizer == "grda":  # gRDA's sparsity is its result: log it every epoch
-        from ..callbacks import SparsityLogger
+        from ..optim.grda import SparsityLogger
 
         callbacks.append(SparsityLogger(verbose=not args.json))
     regularizers = _train_regularizers(args, model, callbacks)
@@ -106,8 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> Report:
 @command("search")
 def cmd_search(args: argparse.Namespace) -> Report:
     """Algorithm 1 (Polarization): bisect λ, then step t, with short trainings, to a FLOPs target."""
+    from ..polarization import PipelineSpec as StudySpec
     from ..polarization.search import search_lambda_t, training_trial
-    from ..polarization.studies import StudySpec
     from ..reproduce import StudyOptions
 
     if args.method != "polarization":

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..callbacks import norm_ratio
 from ..errors import CheckpointError, ConfigError
+from ..optim.grda import norm_ratio
 from .hessian import (
     Eigenpairs,
     HessianOperator,

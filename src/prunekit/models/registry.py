@@ -27,7 +27,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-MODELS: Registry = Registry("model")
+#: the zoo's families register on import of :mod:`prunekit.models` (its ``__init__`` imports every family)
+MODELS: Registry = Registry("model", builtins=("prunekit.models",))
 
 
 def register_model(name: str) -> Callable[[Callable[..., Any]], Callable[..., nn.Module]]:

@@ -40,8 +40,10 @@ __all__ = [
     "register_schedule",
 ]
 
-OPTIMIZERS: Registry = Registry("optimizer")
-SCHEDULES: Registry = Registry("schedule")
+#: built-ins: sgd, adam, adamw (below) and grda (:mod:`prunekit.optim.grda`)
+OPTIMIZERS: Registry = Registry("optimizer", builtins=("prunekit.optim.grda",))
+#: built-ins: step, multistep, cosine, constant (below), linear-hold (gRDA) and Polarization's schedules
+SCHEDULES: Registry = Registry("schedule", builtins=("prunekit.optim.grda", "prunekit.polarization.recipes"))
 
 
 def register_optimizer(name: str, factory: Callable | None = None, *, overwrite: bool = False):
@@ -210,6 +212,7 @@ def create_schedule(name: str, optimizer: torch.optim.Optimizer, *, epochs: int,
     return EpochLR(optimizer, factor, name)
 
 
-from .grda import GRDA  # registers "grda"; imported last because it needs the registries above
+# registers "grda" and "linear-hold"; imported last because it needs the registries above
+from .grda import GRDA
 
 __all__ += ["GRDA"]

@@ -6,9 +6,11 @@
 >>> small = polarization_prune(model, torch.zeros(1, 1, 28, 28))   # per-layer histogram valley
 
 Importing the package registers the ``polarization`` / ``slimming`` regularizers, the
-``polarization`` pruning method, and the paper recipes (``polarization-*``); the reproduce studies
-live in :mod:`prunekit.polarization.studies` and Algorithm 1 in :mod:`prunekit.polarization.search`.
-See ``docs/polarization.md``.
+``polarization`` pruning method, and the paper recipes (``polarization-*``). The whole pipeline
+(train with λ·R(γ) → prune at the threshold → fine-tune) is public API in :mod:`.pipeline`
+(:class:`PipelineSpec`, :class:`PipelineRun`, :func:`make_regularizer`, :func:`prune_polarized`);
+Algorithm 1 is in :mod:`prunekit.polarization.search`; the paper studies behind ``prunekit reproduce
+polarization-*`` are in :mod:`prunekit.studies.polarization`. See ``docs/polarization.md``.
 """
 from . import recipes  # noqa: F401  (registers schedules and recipes)
 from .method import (
@@ -21,6 +23,7 @@ from .method import (
     polarization_prune,
     ratio_for_macs,
 )
+from .pipeline import PipelineRun, PipelineSpec, make_regularizer, param_groups_for, prune_polarized
 from .regularizer import (
     PRESETS,
     FactorRef,
@@ -39,8 +42,9 @@ from .threshold import Valley, first_valley, global_threshold, histogram, layer_
 
 __all__ = [
     "PRESETS", "FactorRef", "FactorSet", "FlopsMonitor", "GatedBatchNorm2d", "GroupFactors", "NetworkSlimming",
-    "PolarizationOptions", "PolarizationRegularizer", "Valley", "add_gates", "first_valley", "fold_gates",
-    "gate_param_groups", "global_threshold", "group_factors", "histogram", "init_bn_weights", "layer_thresholds",
-    "macs_reduction", "polarization_penalty", "polarization_plan", "polarization_prune", "ratio_for_macs",
+    "PipelineRun", "PipelineSpec", "PolarizationOptions", "PolarizationRegularizer", "Valley", "add_gates",
+    "first_valley", "fold_gates", "gate_param_groups", "global_threshold", "group_factors", "histogram",
+    "init_bn_weights", "layer_thresholds", "macs_reduction", "make_regularizer", "param_groups_for",
+    "polarization_penalty", "polarization_plan", "polarization_prune", "prune_polarized", "ratio_for_macs",
     "select_factors", "valley_threshold",
 ]

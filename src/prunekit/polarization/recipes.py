@@ -1,4 +1,4 @@
-"""The paper's training settings as registered recipes and schedules (spec/polarization.md §5.4).
+"""The paper's training settings as registered recipes and schedules (``docs/polarization.md``).
 
 Schedules (per epoch; the paper's ImageNet cosine is per iteration, approximated per epoch here):
 
@@ -12,8 +12,11 @@ Recipes (``prunekit train --recipe NAME``): ``polarization-cifar`` (ResNet-56 / 
 training, README: batch 64, wd 5e-4 incl. BN), ``polarization-cifar-finetune-resnet``,
 ``polarization-cifar-finetune-vgg``, ``polarization-imagenet-resnet50`` (+ ``-finetune``),
 ``polarization-imagenet-mobilenetv2`` (+ ``-finetune``), and the CPU-sized ``polarization-fmnist``
-(+ ``-finetune``) used by the Fashion-MNIST study. The GPU studies built from them are registered at
-the bottom (``prunekit reproduce polarization-resnet56-cifar10`` ...).
+(+ ``-finetune``) used by the Fashion-MNIST study. The studies built from them
+(``prunekit reproduce polarization-resnet56-cifar10`` ...) live in :mod:`prunekit.studies.polarization`.
+
+The recipe and schedule registries import this module on their first lookup, so
+``get_recipe("polarization-cifar")`` works without importing :mod:`prunekit.polarization` first.
 """
 from __future__ import annotations
 
@@ -23,9 +26,8 @@ from dataclasses import dataclass
 
 from ..optim import SCHEDULES, register_schedule
 from ..recipes import RECIPES, TrainRecipe, register_recipe
-from ..reproduce import STUDIES, StudyOptions, register_study
 
-__all__ = ["PAPER_STUDIES"]
+__all__ = ["RECIPE_DEFS"]
 
 
 @dataclass
@@ -103,63 +105,3 @@ for _name, _recipe in RECIPE_DEFS.items():
     if _name not in RECIPES:
         register_recipe(_name, _recipe)
 
-
-# ----------------------------------------------------------------------------------------------
-# GPU studies: the paper's Tables 1-2 rows, same pipeline as the Fashion-MNIST study
-
-
-def _paper_studies():
-    from dataclasses import replace
-
-    from .studies import StudySpec
-
-    cifar = {"baseline_recipe": "cifar", "sparse_recipe": "polarization-cifar", "bn_init": 0.5}
-    resnet56 = StudySpec(model="resnet56", dataset="cifar10", lam=5e-5, t=1.4, preset="resnet-cifar",
-                         finetune_recipe="polarization-cifar-finetune-resnet",
-                         paper={"accuracy": 93.83, "macs_reduction": 0.47, "baseline": 93.80}, **cifar)
-    vgg16 = StudySpec(model="vgg16", dataset="cifar10", lam=3e-5, t=1.5, preset="vgg16",
-                      finetune_recipe="polarization-cifar-finetune-vgg",
-                      paper={"accuracy": 93.92, "macs_reduction": 0.54, "baseline": 93.88}, **cifar)
-
-    def on_cifar100(spec: StudySpec, accuracy: float, macs_reduction: float, baseline: float) -> StudySpec:
-        return replace(spec, dataset="cifar100", paper={
-            "accuracy": accuracy, "macs_reduction": macs_reduction, "baseline": baseline,
-            "note": "CIFAR-100 (λ, t) are not documented; the CIFAR-10 values are used"})
-
-    return {
-        "polarization-resnet56-cifar10": resnet56,
-        "polarization-resnet56-cifar100": on_cifar100(resnet56, 72.46, 0.25, 72.49),
-        "polarization-vgg16-cifar10": vgg16,
-        "polarization-vgg16-cifar100": on_cifar100(vgg16, 74.25, 0.43, 73.83),
-        "polarization-resnet50-imagenet": StudySpec(
-            model="resnet50", dataset="imagenet", lam=8e-5, t=1.2, preset="resnet50", bn_init=0.5,
-            baseline_recipe="imagenet", sparse_recipe="polarization-imagenet-resnet50",
-            finetune_recipe="polarization-imagenet-resnet50-finetune",
-            paper={"accuracy": 75.63, "macs_reduction": 0.54, "baseline": 76.15}),
-        "polarization-mobilenetv2-imagenet": StudySpec(
-            model="mobilenetv2", dataset="imagenet", lam=2.5e-5, t=1.0, preset="mobilenetv2-gates", bn_init=1.0,
-            gates=True, bn_weight_decay=False, baseline_recipe="imagenet",
-            sparse_recipe="polarization-imagenet-mobilenetv2",
-            finetune_recipe="polarization-imagenet-mobilenetv2-finetune",
-            paper={"accuracy": 71.8, "macs_reduction": 0.28, "baseline": 72.0}),
-    }
-
-
-PAPER_STUDIES = ("polarization-resnet56-cifar10", "polarization-resnet56-cifar100", "polarization-vgg16-cifar10",
-                 "polarization-vgg16-cifar100", "polarization-resnet50-imagenet", "polarization-mobilenetv2-imagenet")
-
-
-def _make_study(name: str):
-    def study(options: StudyOptions):
-        from .studies import run_study
-
-        return run_study(_paper_studies()[name], options, title=name)
-
-    study.__name__ = name.replace("-", "_")
-    study.__doc__ = f"Polarization paper study '{name}' (GPU-sized; --epochs/--finetune-epochs shorten it)."
-    return study
-
-
-for _study in PAPER_STUDIES:
-    if _study not in STUDIES:
-        register_study(_study)(_make_study(_study))

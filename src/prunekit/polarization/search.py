@@ -1,6 +1,6 @@
 """Algorithm 1 of the paper (§3.3): find (λ, t) whose pruned model hits a FLOPs-reduction target.
 
-The official repository does not implement it (spec/polarization.md §3). Here:
+The official repository does not implement it (``docs/polarization.md``, "Algorithm 1"). Here:
 
     (λ_lo, λ_hi, t) ← (0, λ_max = 2e-4, t₀ = 1.2)
     coarse: bisect λ with t fixed until |F − F*| < 2δ
@@ -17,14 +17,18 @@ phase (cycle). The result keeps every trial and the closest one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .method import FlopsMonitor
+from .pipeline import PipelineRun, PipelineSpec, make_regularizer, prune_polarized
 
-__all__ = ["SearchResult", "Trial", "search_lambda_t"]
+__all__ = ["SearchResult", "Trial", "search_lambda_t", "training_trial"]
 
 
 @dataclass
@@ -134,30 +138,34 @@ def search_lambda_t(trial: TrialFn, target: float, *, delta: float = 0.05, lam_m
             return done("|F − F*| < δ", True)
 
 
-def training_trial(spec, options, *, epochs: int, out_root, progress: bool = True) -> TrialFn:
-    """A trial function for :func:`search_lambda_t`: train ``spec.model`` from scratch with (λ, t) for
-    ``epochs`` epochs of ``spec.sparse_recipe`` (in ``out_root/lam…_t…``, reused when present), prune at
-    the threshold and return the MACs reduction plus the regularized and pruned accuracies."""
-    from pathlib import Path
+def training_trial(spec: PipelineSpec, options: Any = None, *, epochs: int | None, out_root: str | Path,
+                   progress: bool = True) -> TrialFn:
+    """A trial function for :func:`search_lambda_t` built on the public pipeline (:mod:`.pipeline`).
 
-    from .method import FlopsMonitor, PolarizationOptions
-    from .studies import _prune_polarized, _regularizer, _Runner
+    Each trial trains ``spec.model`` from scratch with (λ, t) for ``epochs`` epochs of ``spec.sparse_recipe``
+    (in ``out_root/lam…_t…``, reused when present), prunes it at ``spec``'s threshold and returns the MACs
+    reduction plus the regularized and pruned accuracies.
 
-    popt = PolarizationOptions(threshold=spec.threshold, combine=spec.combine)
-    run = _Runner(spec, options, "search")
-    run.out = Path(out_root)
+    Args:
+        spec: a :class:`~prunekit.polarization.PipelineSpec` (a study's spec works too); its ``lam`` and
+            ``t`` are replaced by each trial's.
+        options: where and how to run: any object with ``data_root``, ``device`` and ``seed`` attributes
+            (e.g. :class:`prunekit.reproduce.StudyOptions`); None: the defaults.
+    """
+    popt = spec.options()
+    run = PipelineRun(spec, out=out_root, data_root=getattr(options, "data_root", None),
+                      device=getattr(options, "device", None), seed=getattr(options, "seed", 0),
+                      progress=progress, name="search")
     recipe = run.recipe(spec.sparse_recipe, epochs)
 
     def trial(lam: float, t: float) -> dict[str, Any]:
-        import dataclasses
-
         s = dataclasses.replace(spec, lam=lam, t=t)
         model = run.fresh_model()
-        reg = _regularizer("polarization", s, model, run.example)
+        reg = make_regularizer("polarization", s, model, run.example)
         stage = f"lam{lam:.4g}_t{t:.3g}"
         res = run.fit(stage, model, recipe, regularizers=[reg],
                       callbacks=[FlopsMonitor(popt, run.example, verbose=progress)])
-        pruned, details = _prune_polarized(res.model, run.example, popt)
+        pruned, details = prune_polarized(res.model, run.example, popt)
         red = 1 - run.sizes(pruned)["macs"] / run.sizes(res.model)["macs"]
         hist = [round(r.get("macs_reduction", math.nan), 4) for r in res.history]
         return {"flops_reduction": round(red, 4), "accuracy_regularized": res.accuracy,

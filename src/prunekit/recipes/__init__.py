@@ -163,7 +163,8 @@ class TrainRecipe:
         return self.lr * factor(epoch)
 
 
-RECIPES: Registry = Registry("recipe")
+#: built-in recipes: this module's (LeNet, CIFAR, ImageNet, fast, gRDA) and Polarization's
+RECIPES: Registry = Registry("recipe", builtins=("prunekit.polarization.recipes",))
 
 
 def register_recipe(name: str, recipe: TrainRecipe | None = None, *, overwrite: bool = False):
@@ -216,7 +217,7 @@ register_recipe("fast", TrainRecipe(
     epochs=3, batch_size=64, test_batch_size=256, optimizer="sgd", lr=0.05, momentum=0.9,
     weight_decay=0.0, schedule="cosine"))
 
-# gRDA (spec/grda.md §2): plain SGD on the accumulator + soft-threshold; no momentum, no weight decay,
+# gRDA (docs/grda.md, "Recipes"): plain SGD on the accumulator + soft-threshold; no momentum, no weight decay,
 # hyper-parameters (c, mu) in optimizer_kwargs. "linear-hold" is the paper's CIFAR schedule: constant for
 # the first half, linear to gamma·lr at 90 % of the epochs, then held (registered by prunekit.optim.grda).
 # LeNet-300-100 / Fashion-MNIST on CPU (not in the paper; bench/grda_lenet.py): lr 0.2 is plain SGD's best
@@ -240,3 +241,11 @@ register_recipe("grda-vgg16-cifar10", TrainRecipe(
 register_recipe("grda-wrn28x10-cifar100", TrainRecipe(
     epochs=200, batch_size=128, test_batch_size=256, optimizer="grda", lr=0.1, schedule="linear-hold",
     gamma=0.01, optimizer_kwargs={"c": 0.001, "mu": 0.55}))
+
+# ResNet-20 / Fashion-MNIST on one CPU core (ours; the grda-resnet20-fmnist study): 10 epochs over the first
+# 6,000 training images (470 steps), plain SGD lr 0.1 without momentum, the paper's CIFAR schedule (10 epochs:
+# the last one at 1 % of the lr, so BN statistics settle). So few steps need a far larger c than the paper's
+# 150-epoch runs for the threshold c·γ^{μ+½}·k^μ to reach the weights' scale.
+register_recipe("grda-resnet20-fmnist", TrainRecipe(
+    epochs=10, batch_size=128, test_batch_size=256, optimizer="grda", lr=0.1, schedule="linear-hold",
+    gamma=0.01, optimizer_kwargs={"c": 0.03, "mu": 0.6}))

@@ -1,15 +1,16 @@
-"""gRDA studies for ``prunekit reproduce``: sparsity/accuracy curves against plain SGD and magnitude pruning.
+"""gRDA (Chao et al., NeurIPS 2020) studies for ``prunekit reproduce grda-*``: sparsity/accuracy curves
+against plain SGD and magnitude pruning.
 
 * ``grda-lenet300-fmnist`` (CPU, recipe ``grda-lenet``, 30 epochs) and ``grda-resnet20-fmnist`` (CPU-sized,
-  recipe ``grda-resnet20-fmnist`` on the first 6,000 training images): a grid of gRDA runs over
-  μ × c, each from the same initial weights as the plain-SGD baseline (the recipe with
-  ``optimizer=sgd``: same lr, schedule, batch and epochs, no momentum, no weight decay).
+  recipe ``grda-resnet20-fmnist`` on the first 6,000 training images; recipes in :mod:`prunekit.recipes`):
+  a grid of gRDA runs over μ × c, each from the same initial weights as the plain-SGD baseline (the
+  recipe with ``optimizer=sgd``: same lr, schedule, batch and epochs, no momentum, no weight decay).
 * Magnitude pruning (MP): the SGD model pruned globally (all parameters, smallest |w|) to each gRDA
   run's sparsity, evaluated as is (``mp_accuracy``) and after a masked plain-SGD fine-tune of
   ``finetune_epochs`` at constant ``finetune_lr`` (``mp_ft_accuracy``).
 * ``grda-resnet50-imagenet``, ``grda-vgg16-cifar10``, ``grda-wrn28-10-cifar100``: the paper's runs
-  (spec/grda.md §2) for GPU users: SGD baseline + gRDA at the recipe's (c, μ), MP without fine-tune.
-  They check the dataset before anything is built (no download attempt).
+  (``docs/grda.md``, "Recipes") for GPU users: SGD baseline + gRDA at the recipe's (c, μ), MP without
+  fine-tune. They check the dataset before anything is built (no download attempt).
 
 Sparsity is the fraction of exactly-zero values over *all* parameters (biases and BN included, as the
 reference counts), in percent in the report. Every run trains in its own directory under ``--out``
@@ -34,22 +35,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .recipes import RECIPES, TrainRecipe, get_recipe, register_recipe
-from .regularizers import Regularizer
-from .reproduce import STUDIES, StudyOptions, register_study
+from prunekit.data import ArrayDataset, dataset_info, get_dataset, make_loader
+from prunekit.errors import ConfigError
+from prunekit.io import load_model
+from prunekit.metrics import evaluate, sparsity
+from prunekit.models import create
+from prunekit.optim.grda import SparsityLogger
+from prunekit.recipes import TrainRecipe, get_recipe
+from prunekit.regularizers import Regularizer
+from prunekit.reproduce import StudyOptions, register_study
+from prunekit.train import seed_everything, train
 
-__all__ = ["GrdaRuns", "GrdaStudySpec", "KeepMask", "cached_training_minutes", "global_magnitude_prune", "head",
-           "plot_study", "run_study", "study_table"]
+from .common import check_options, figure, out_dir, stderr_log
 
-# ResNet-20 / Fashion-MNIST on one CPU core (ours): 10 epochs over the first 6,000 training images
-# (470 steps), plain SGD lr 0.1 without momentum, the paper's CIFAR schedule (10 epochs: the last one
-# at 1 % of the lr, so BN statistics settle). So few steps need a far larger c than the paper's
-# 150-epoch runs for the threshold c·γ^{μ+½}·k^μ to reach the weights' scale.
-if "grda-resnet20-fmnist" not in RECIPES:
-    register_recipe("grda-resnet20-fmnist", TrainRecipe(
-        epochs=10, batch_size=128, test_batch_size=256, optimizer="grda", lr=0.1, schedule="linear-hold",
-        gamma=0.01, optimizer_kwargs={"c": 0.03, "mu": 0.6}))
+__all__ = ["LENET", "PAPER", "RESNET20", "GrdaRuns", "GrdaStudySpec", "KeepMask", "cached_training_minutes",
+           "global_magnitude_prune", "head", "plot_study", "run_study", "study_table"]
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,7 @@ _SETTABLE = ("mus", "cs", "pairs", "subset", "test_subset", "finetune_epochs", "
 
 
 def _apply_extra(spec: GrdaStudySpec, extra: dict[str, Any]) -> GrdaStudySpec:
-    bad = sorted(set(extra) - set(_SETTABLE))
-    if bad:
-        raise ConfigError(f"unknown study option(s) {bad}; --set takes {', '.join(_SETTABLE)}")
+    check_options(extra, _SETTABLE)
     over: dict[str, Any] = {}
     for key, value in extra.items():
         if key in ("mus", "cs"):
@@ -158,8 +156,6 @@ def global_magnitude_prune(model: nn.Module, fraction: float) -> dict[str, torch
 
 def head(dataset, n: int | None):
     """The first ``n`` samples of an in-memory dataset (the whole dataset when ``n`` is None or larger)."""
-    from .data.base import ArrayDataset
-
     if n is None or n >= len(dataset):
         return dataset
     if not isinstance(dataset, ArrayDataset):
@@ -188,8 +184,6 @@ class GrdaRuns:
 
     def __init__(self, spec: GrdaStudySpec, out: str | Path, *, data_root: str | None = None,
                  device: str | None = None, progress: bool = False, log=print):
-        from .data import dataset_info, get_dataset
-
         self.spec, self.out = spec, Path(out)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.progress, self.log = progress, log
@@ -221,18 +215,11 @@ class GrdaRuns:
         return summary
 
     def fresh_model(self, seed: int) -> nn.Module:
-        from .models import create
-        from .train import seed_everything
-
         seed_everything(seed)  # the same initial weights for SGD and every gRDA run of this seed
         return create(self.spec.model, **self.model_config)
 
     def train(self, label: str, recipe: TrainRecipe, seed: int) -> dict[str, Any]:
         """Train (or reuse) one run from the seed's initial weights; returns its summary."""
-        from .callbacks import SparsityLogger
-        from .metrics import sparsity
-        from .train import train
-
         key = self.key(label, recipe.epochs, seed)
         if key in self.cache:
             return self.cache[key]
@@ -258,18 +245,12 @@ class GrdaRuns:
         return self.train(f"grda c={c} mu={mu}", recipe.replace(optimizer_kwargs={"c": c, "mu": mu}), seed)
 
     def sgd_model(self, recipe: TrainRecipe, seed: int) -> nn.Module:
-        from .io import load_model
-
         self.sgd(recipe, seed)
         model, _ = load_model(self.out / _slug(self.key("sgd", recipe.epochs, seed)) / "model.safetensors")
         return model
 
     def magnitude(self, recipe: TrainRecipe, seed: int, fraction: float) -> dict[str, Any]:
         """The SGD model of ``seed`` pruned to ``fraction``: accuracy as is and after the masked fine-tune."""
-        from .data import make_loader
-        from .metrics import evaluate
-        from .train import seed_everything, train
-
         ft, lr = self.spec.finetune_epochs, self.spec.finetune_lr
         key = self.key(f"mp s={fraction:.6f} ft={ft}x{lr:g}", recipe.epochs, seed)
         if key in self.cache:
@@ -312,9 +293,9 @@ def run_study(spec: GrdaStudySpec, options: StudyOptions, *, title: str) -> tupl
     recipe = get_recipe(spec.recipe)
     if options.epochs is not None:
         recipe = recipe.replace(epochs=options.epochs)
-    out = Path(options.out or Path("runs") / title)
+    out = out_dir(options, title)
     runs = GrdaRuns(spec, out, data_root=options.data_root, device=options.device, progress=options.progress,
-                    log=_stderr if options.progress else (lambda _msg: None))
+                    log=stderr_log if options.progress else (lambda _msg: None))
     seed = options.seed
     start = time.perf_counter()
     sgd = runs.sgd(recipe, seed) if spec.sgd else None
@@ -353,12 +334,6 @@ def run_study(spec: GrdaStudySpec, options: StudyOptions, *, title: str) -> tupl
     return report, study_table(report)
 
 
-def _stderr(msg: str) -> None:
-    import sys
-
-    print(msg, file=sys.stderr, flush=True)
-
-
 def _fmt(v: Any) -> str:
     return "—" if v is None else f"{v:.2f}"
 
@@ -385,16 +360,15 @@ def plot_study(report: dict[str, Any], path: Path, *, sgd_sd: float | None = Non
     """Left: accuracy vs sparsity (gRDA per μ/c, SGD line, MP and MP + FT); right: sparsity per epoch.
 
     ``sgd_sd`` draws a ±band around the SGD accuracy (several seeds). None when matplotlib is missing.
+    Drawn on a backend-free Figure: works headless and leaves the user's pyplot backend alone.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    fig = figure(figsize=(12, 6.2))
+    if fig is None:
         return None
+    import matplotlib
+
     rows, sgd = report["rows"], report["sgd_accuracy"]
-    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 6.2))
+    ax, ax2 = fig.subplots(1, 2)
     if sgd is not None:
         label = f"plain SGD {sgd:.2f}" + (f" ± {sgd_sd:.2f}" if sgd_sd else "")
         if sgd_sd:
@@ -408,7 +382,7 @@ def plot_study(report: dict[str, Any], path: Path, *, sgd_sd: float | None = Non
                     label=f"SGD + global MP + {report['finetune_epochs']}-epoch fine-tune")
     mus = sorted({r["mu"] for r in rows})
     cs = sorted({r["c"] for r in rows})
-    cmap = plt.get_cmap("viridis")
+    cmap = matplotlib.colormaps["viridis"]
     for r in rows:
         color = cmap(mus.index(r["mu"]) / max(1, len(mus) - 1))
         marker = "o^Dvsp*h"[cs.index(r["c"]) % 8]
@@ -431,7 +405,6 @@ def plot_study(report: dict[str, Any], path: Path, *, sgd_sd: float | None = Non
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
-    plt.close(fig)
     return path
 
 
@@ -472,5 +445,4 @@ for _name, _spec, _doc in [
     ("grda-resnet20-fmnist", RESNET20, "gRDA vs SGD vs magnitude pruning, ResNet-20 / Fashion-MNIST (CPU-sized)."),
     *[(n, s, f"gRDA paper run '{n}' (GPU-sized; --epochs shortens it).") for n, s in PAPER.items()],
 ]:
-    if _name not in STUDIES:
-        register_study(_name)(_make_study(_name, _spec, _doc))
+    register_study(_name)(_make_study(_name, _spec, _doc))

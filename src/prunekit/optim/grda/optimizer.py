@@ -1,9 +1,9 @@
 """gRDA: generalized regularized dual averaging (Chao, Wang, Xing & Cheng, NeurIPS 2020).
 
 SGD on an fp32 *accumulator* started at the initial weights, followed by elementwise soft-thresholding
-with a scalar threshold that grows with the number of steps (``spec/grda.md`` §1). Registered as the
-optimizer ``grda`` (``create_optimizer("grda", params, lr=0.1, c=0.005, mu=0.55)``), importable as
-``prunekit.optim.GRDA``.
+with a scalar threshold that grows with the number of steps (``docs/grda.md``, "The update rule").
+Registered as the optimizer ``grda`` (``create_optimizer("grda", params, lr=0.1, c=0.005, mu=0.55)``),
+importable as ``prunekit.optim.GRDA``.
 
 Also registers the per-epoch schedule ``linear-hold`` used by the paper's CIFAR runs (constant for the
 first half, linear down to ``gamma`` at 90 % of the epochs, then held).
@@ -15,14 +15,39 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ConfigError
-from . import register_optimizer, register_schedule
+from ...errors import ConfigError
+from .. import register_optimizer, register_schedule
 
-__all__ = ["GRDA", "threshold_increment"]
+__all__ = ["GRDA", "soft_threshold", "threshold_increment"]
 
-_softshrink_out = torch._C._nn.softshrink  # softshrink(input, lambd, out=...): one fused elementwise kernel
+# ``softshrink(input, lambd, out=...)`` writes S_λ(v) straight into ``p``: one fused elementwise kernel, no
+# temporary. It is torch's private binding, so it is looked up once and used only where it exists; the
+# public ``F.softshrink`` (same kernel, plus one temporary and a copy) is the fallback.
+_FUSED_SOFTSHRINK = getattr(getattr(torch._C, "_nn", None), "softshrink", None)
+
+
+def soft_threshold(v: Tensor, tau: float | Tensor, *, out: Tensor | None = None) -> Tensor:
+    """``S_τ(v) = sign(v) · max(|v| − τ, 0)`` elementwise; ``|v| = τ`` gives 0.
+
+    Args:
+        v: any floating tensor.
+        tau: a number ≥ 0 (softshrink: the fused kernel into ``out`` where torch has it, else the public
+            ``F.softshrink``), or a tensor ≥ 0 broadcastable to ``v`` (per-element thresholds; computed
+            as ``sign(v) * clamp(|v| − τ, min=0)``).
+        out: written with the result (cast to its dtype) and returned, when given.
+    """
+    if isinstance(tau, Tensor):
+        r = torch.sign(v) * (v.abs() - tau).clamp_min(0)
+    elif out is not None and _FUSED_SOFTSHRINK is not None and out.dtype == v.dtype:
+        return _FUSED_SOFTSHRINK(v, tau, out=out)
+    else:
+        r = F.softshrink(v, tau)
+    if out is None:
+        return r
+    return out.copy_(r)
 
 
 def threshold_increment(k: int, mu: float) -> float:
@@ -87,7 +112,8 @@ class GRDA(torch.optim.Optimizer):
             larger → more sparsity; the threshold outgrows gradient noise only for mu > 0.5).
         foreach: ``True``/``None`` (default): multi-tensor path (one ``_foreach_add_`` per device and
             dtype, then one fused softshrink kernel per tensor written straight into ``p``: read
-            ``g``, read/write ``v``, write ``p``, no temporaries for fp32 parameters). ``False``: the
+            ``g``, read/write ``v``, write ``p``, no temporaries for fp32 parameters; where torch lacks
+            that private binding, the public ``F.softshrink`` plus a copy: same values). ``False``: the
             reference path, the formula above op by op. Both give bit-identical results on CPU.
 
     Raises:
@@ -181,11 +207,9 @@ class GRDA(torch.optim.Optimizer):
             torch._foreach_add_(a, b, alpha=-lr)
         for p, v, tau in zip(params, accs, taus):
             if p.dtype == torch.float32:
-                _softshrink_out(v, tau, out=p)
+                soft_threshold(v, tau, out=p)
             else:
-                tmp = self._scratch_like(v)
-                _softshrink_out(v, tau, out=tmp)
-                p.copy_(tmp)
+                p.copy_(soft_threshold(v, tau, out=self._scratch_like(v)))
 
     def _scratch_like(self, v: Tensor) -> Tensor:
         buf = self._scratch.get(v.device)

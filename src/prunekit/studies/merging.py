@@ -1,4 +1,4 @@
-"""Neuron Merging studies for ``prunekit reproduce``.
+"""Neuron Merging (Kim et al., NeurIPS 2020) studies for ``prunekit reproduce nm-*``.
 
 * ``nm-lenet300-fmnist`` — the paper's LeNet-300-100 / Fashion-MNIST table from the official checkpoint:
   ratios 0.5–0.8 × prune / merge (l1-norm by default; ``--set criteria=all`` adds l2-norm and l2-GM),
@@ -22,16 +22,25 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..reproduce import STUDIES, StudyOptions, register_study
-from .compensation import LstsqOptions, compensate
-from .core import MergeOptions, merge
+from prunekit import ChannelGraph
+from prunekit.data import get_dataset, make_loader
+from prunekit.errors import ConfigError
+from prunekit.io import load_model
+from prunekit.merging import LstsqOptions, MergeOptions, compensate, merge
+from prunekit.metrics import count_params, evaluate
+from prunekit.reproduce import StudyOptions, register_study
+
+from .common import fmt
+
+__all__ = ["CIFAR_STUDIES", "CRITERIA", "LENET_CHECKPOINT", "LENET_PAPER", "VGG_C10_PAPER",
+           "default_lenet_checkpoint", "fmt", "lenet_markdown", "lenet_table", "nm_lenet300_fmnist",
+           "preset_markdown", "preset_table"]
 
 CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
 LENET_CHECKPOINT = "neuron-merging-lenet300-fashionmnist.pth.tar"
-#: the README's l1-norm table (spec §9.1): ratio -> (prune, merge)
+#: the official README's l1-norm table (docs/neuron-merging.md, "Results"): ratio -> (prune, merge)
 LENET_PAPER = {0.5: (88.40, 88.69), 0.6: (85.17, 86.92), 0.7: (71.26, 82.75), 0.8: (66.76, 80.02)}
-#: VGG-16 CIFAR-10 (spec §9.2): criterion -> (prune, merge); baseline 93.70
+#: VGG-16 CIFAR-10, the paper's table (docs/neuron-merging.md): criterion -> (prune, merge); baseline 93.70
 VGG_C10_PAPER = {"l1-norm": (88.70, 93.16), "l2-norm": (89.14, 93.16), "l2-GM": (87.85, 93.10)}
 
 
@@ -65,21 +74,11 @@ def _ratios(value: Any, default: list[float]) -> list[float]:
 
 
 def _accuracy(model: torch.nn.Module, loader, device: str | None) -> float:
-    from ..metrics import evaluate
-
     return round(float(evaluate(model, loader, device=device)["accuracy"]), 2)
 
 
 def _params(model: torch.nn.Module) -> int:
-    from ..metrics import count_params
-
     return int(count_params(model))
-
-
-def fmt(v: Any) -> str:
-    if v is None:
-        return "—"
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
 
 
 def _prune_merge_row(model, example, graph, opts: MergeOptions, ratio, base_params: int, test_loader,
@@ -108,8 +107,6 @@ def lenet_table(model: torch.nn.Module, test_loader, train_set=None, *, criteria
     pipeline (preset ``lenet-300-100``); lstsq columns only when ``train_set`` and ``calibration``."""
     model = model.eval()
     example = (1, *getattr(model, "input_shape", (1, 28, 28)))
-    from ..engine import ChannelGraph
-
     graph = ChannelGraph.build(model, example)
     base_params = _params(model)
     rows = []
@@ -150,9 +147,6 @@ def lenet_markdown(rows: list[dict[str, Any]], baseline: float | None = None) ->
 
 def nm_lenet300_fmnist(options: StudyOptions) -> tuple[dict[str, Any], str]:
     """The LeNet-300-100 / Fashion-MNIST table of the paper, from the official checkpoint."""
-    from ..data import get_dataset, make_loader
-    from ..io import load_model
-
     path = Path(options.checkpoint) if options.checkpoint else default_lenet_checkpoint()
     if path is None or not path.is_file():
         raise ConfigError(f"nm-lenet300-fmnist needs the official checkpoint ({LENET_CHECKPOINT}): pass "
@@ -193,8 +187,6 @@ def preset_table(model: torch.nn.Module, test_loader, *, preset: str, criteria=C
                  lam: float | None = None, negative: str = "skip", train_set=None, calibration: int = 0,
                  log=None) -> list[dict[str, Any]]:
     """Rows ``{criterion, ratio, params, prune, merge, merged, skipped_sign[, lstsq]}`` for an official preset."""
-    from ..engine import ChannelGraph
-
     model = model.eval()
     example = (1, *getattr(model, "input_shape", (3, 32, 32)))
     graph = ChannelGraph.build(model, example)
@@ -238,9 +230,6 @@ def _cifar_study(name: str):
     model_name, cfg, dataset, preset, default_ratios = CIFAR_STUDIES[name]
 
     def study(options: StudyOptions) -> tuple[dict[str, Any], str]:
-        from ..data import get_dataset, make_loader
-        from ..io import load_model
-
         if not options.checkpoint:
             raise ConfigError(f"{name} needs --checkpoint (the official {model_name} checkpoint, .pth.tar, or a "
                               f"prunekit model directory)")
@@ -266,7 +255,6 @@ def _cifar_study(name: str):
     return study
 
 
-if "nm-lenet300-fmnist" not in STUDIES:
-    register_study("nm-lenet300-fmnist")(nm_lenet300_fmnist)
-    for _name in CIFAR_STUDIES:
-        register_study(_name)(_cifar_study(_name))
+register_study("nm-lenet300-fmnist")(nm_lenet300_fmnist)
+for _name in CIFAR_STUDIES:
+    register_study(_name)(_cifar_study(_name))

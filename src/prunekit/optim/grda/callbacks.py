@@ -1,8 +1,9 @@
-"""Trainer callbacks (objects with ``on_epoch_end(trainer, epoch, record)``; see :mod:`prunekit.train`).
+"""gRDA's Trainer callbacks (objects with ``on_epoch_end(trainer, epoch, record)``; see :mod:`prunekit.train`).
 
 :class:`SparsityLogger` adds exact-zero sparsity to every epoch's log record, per tensor and in total,
 which is how gRDA's progress is followed (its sparsity has no target; it is whatever the threshold
-produces, ``spec/grda.md`` §3.4).
+produces, ``docs/grda.md``). :class:`NormRatioLogger` follows ‖w‖₂/‖w‖₁, the paper's picture of
+sparsification. Both work with any optimizer.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .metrics import sparsity
+from ...metrics import sparsity
 
 __all__ = ["NormRatioLogger", "SparsityLogger", "norm_ratio"]
 
@@ -71,8 +72,8 @@ def norm_ratio(model: nn.Module) -> float:
     """‖w‖₂ / ‖w‖₁ over every parameter of ``model`` flattened into one vector w (buffers excluded).
 
     Between d^{-1/2} (all |w_j| equal) and 1 (one non-zero entry); it rises when the mass of w
-    concentrates on fewer coordinates, which is how the gRDA paper shows sparsification (Fig. 2,
-    ``spec/grda.md`` §3.7). Computed in float64.
+    concentrates on fewer coordinates, which is how the gRDA paper shows sparsification (Fig. 2;
+    ``docs/grda.md``, "Directional pruning diagnostics"). Computed in float64.
     """
     l1 = torch.zeros((), dtype=torch.float64)
     l2sq = torch.zeros((), dtype=torch.float64)

@@ -1,8 +1,10 @@
-"""Polarization studies: baseline → polarized training → prune at the valley → fine-tune, one command.
+"""Polarization (Zhuang et al., NeurIPS 2020) studies: baseline → polarized training → prune at the valley →
+fine-tune, one command.
 
 ``prunekit reproduce polarization-resnet20-fmnist [--epochs N] [--finetune-epochs M] [--out DIR] [--json]``
 runs the CPU-sized Fashion-MNIST study; the paper-sized GPU studies (``polarization-resnet56-cifar10``
-...) in :mod:`prunekit.polarization.recipes` run the same :func:`run_study`.
+...; the rows of the paper's Tables 1-2 with its recipes from :mod:`prunekit.polarization.recipes`) run
+the same :func:`run_study`. Every step is public library API (:mod:`prunekit.polarization.pipeline`).
 
 Stages, each a Trainer run in its own directory under ``--out`` (default ``runs/<study>``), resumed
 when it exists (a finished stage is reused, a killed one continues; a stage trained with another
@@ -26,42 +28,44 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from ..errors import ConfigError
-from ..reproduce import STUDIES, StudyOptions, register_study
+from prunekit import ChannelGraph, apply, make_plan
+from prunekit.io import load_model, save_model
+from prunekit.polarization import (
+    FlopsMonitor,
+    PipelineRun,
+    PipelineSpec,
+    PolarizationOptions,
+    add_gates,
+    make_regularizer,
+    param_groups_for,
+    polarization_plan,
+    prune_polarized,
+    ratio_for_macs,
+)
+from prunekit.report.histogram import magnitude_histogram
+from prunekit.reproduce import StudyOptions, register_study
 
-__all__ = ["StudySpec", "plot_histograms", "run_study"]
+from .common import check_options, figure, out_dir
+
+__all__ = ["FMNIST", "PAPER_STUDIES", "StudySpec", "paper_studies", "plot_histograms", "run_study"]
 
 
 @dataclass(frozen=True)
-class StudySpec:
-    """What a study trains and how (recipe names, λ, t, which factors, comparisons)."""
+class StudySpec(PipelineSpec):
+    """A :class:`~prunekit.polarization.PipelineSpec` plus what a study compares and reports.
 
-    model: str
-    dataset: str
-    lam: float
-    t: float
-    baseline_recipe: str
-    sparse_recipe: str
-    finetune_recipe: str
-    preset: str = "engine"
-    bn_init: float | None = 0.5
-    gates: bool = False
-    bn_weight_decay: bool = True
-    model_config: dict = field(default_factory=dict)
-    dataset_options: dict = field(default_factory=dict)
-    threshold: str | float = "auto"
-    combine: str = "max"
-    slimming_lam: float | None = None
+    Attributes:
+        compare_l1: also prune the baseline by l1-norm at the same MACs reduction and fine-tune it.
+        paper: the published numbers, copied into the report.
+    """
+
     compare_l1: bool = False
-    batch_size: int | None = None
     paper: dict = field(default_factory=dict)
 
 
@@ -69,132 +73,19 @@ _SETTABLE = ("lam", "t", "slimming_lam", "threshold", "combine", "preset", "bn_i
 
 
 def _apply_extra(spec: StudySpec, extra: dict[str, Any]) -> StudySpec:
-    bad = sorted(set(extra) - set(_SETTABLE))
-    if bad:
-        raise ConfigError(f"unknown study option(s) {bad}; --set takes {', '.join(_SETTABLE)}")
+    check_options(extra, _SETTABLE)
     return dataclasses.replace(spec, **extra)
-
-
-class _Runner:
-    """Shared state of one study run (data, device, output directory, timings)."""
-
-    def __init__(self, spec: StudySpec, options: StudyOptions, title: str):
-        from ..data import dataset_info, get_dataset
-
-        self.spec, self.options, self.title = spec, options, title
-        self.out = Path(options.out or Path("runs") / title)
-        self.device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.seed = options.seed
-        info = dataset_info(spec.dataset, **spec.dataset_options)
-        self.input_shape = tuple(info.input_shape)
-        self.model_config = {"num_classes": info.num_classes, "in_channels": info.input_shape[0],
-                             "input_size": info.input_shape[1], **spec.model_config}
-        root = options.data_root
-        self.train_set = get_dataset(spec.dataset, "train", root=root, **spec.dataset_options)
-        self.test_set = get_dataset(spec.dataset, "test", root=root, **spec.dataset_options)
-        self.example = torch.zeros(1, *self.input_shape)
-        self.seconds: dict[str, float] = {}
-        self._loader = None
-
-    def recipe(self, name: str, epochs: int | None):
-        from ..recipes import get_recipe
-
-        r = get_recipe(name)
-        over: dict[str, Any] = {}
-        if epochs is not None:
-            over["epochs"] = epochs
-        if self.spec.batch_size is not None:
-            over["batch_size"] = self.spec.batch_size
-        return r.replace(**over) if over else r
-
-    def fresh_model(self) -> nn.Module:
-        from ..models import create
-        from ..train import seed_everything
-
-        seed_everything(self.seed)
-        return create(self.spec.model, **self.model_config)
-
-    def fit(self, stage: str, model: nn.Module, recipe, **kw: Any):
-        from ..train import train
-
-        start = time.perf_counter()
-        res = train(model, self.train_set, self.test_set, recipe, out_dir=self.out / stage, seed=self.seed,
-                    resume=True, device=self.device, progress=self.options.progress,
-                    metadata={"dataset": self.spec.dataset, "study": self.title, "stage": stage}, **kw)
-        self.seconds[stage] = round(time.perf_counter() - start, 1)
-        res.model.eval()
-        return res
-
-    def evaluate(self, model: nn.Module) -> float:
-        from ..data import make_loader
-        from ..metrics import evaluate
-
-        if self._loader is None:
-            self._loader = make_loader(self.test_set, 256, shuffle=False)
-        return round(evaluate(model, self._loader, device=self.device)["accuracy"], 4)
-
-    def sizes(self, model: nn.Module) -> dict[str, int]:
-        from ..metrics import count_macs, count_params
-
-        m = model.cpu()
-        return {"params": count_params(m), "macs": count_macs(m, input_shape=self.input_shape)}
-
-
-def _regularizer(kind: str, spec: StudySpec, model: nn.Module, example: torch.Tensor):
-    from .regularizer import NetworkSlimming, PolarizationRegularizer, _init_for
-
-    if kind == "polarization":
-        reg = PolarizationRegularizer(spec.lam, spec.t, preset=spec.preset, example_inputs=example,
-                                      clamp="all-bn" if spec.preset != "engine" else "factors")
-    else:
-        reg = NetworkSlimming(spec.slimming_lam, preset=spec.preset, example_inputs=example)
-    reg.bind(model)
-    if spec.bn_init is not None:
-        _init_for(model, reg, spec.bn_init)
-    return reg
-
-
-def _param_groups(spec: StudySpec, model: nn.Module, recipe):
-    from .regularizer import gate_param_groups
-
-    if spec.gates or not spec.bn_weight_decay:
-        return gate_param_groups(model, recipe.weight_decay, bn_weight_decay=spec.bn_weight_decay)
-    return None
-
-
-def _prune_polarized(model: nn.Module, example: torch.Tensor, popt, compensate: bool | None = None
-                     ) -> tuple[nn.Module, dict]:
-    """Plan on the (possibly gated) model, apply to its gate-folded twin (same groups)."""
-    from ..engine import ChannelGraph
-    from .method import apply_plan, polarization_plan
-    from .regularizer import GatedBatchNorm2d, fold_gates
-
-    model = model.cpu().eval()
-    graph = ChannelGraph.build(model, example)
-    plan, details = polarization_plan(model, graph, popt)
-    target, tgraph = model, graph
-    if any(isinstance(m, GatedBatchNorm2d) for m in model.modules()):
-        target = fold_gates(model)
-        tgraph = ChannelGraph.build(target, example)
-    pruned, comp = apply_plan(target, tgraph, plan, example,
-                              compensate=popt.compensate if compensate is None else compensate)
-    pruned.prunekit_plan = plan
-    return pruned, {**details, "compensation": comp}
 
 
 def plot_histograms(factors: dict[str, list[float]], path: Path, title: str = "") -> Path | None:
     """One histogram panel (100 bins on [0, 1], log count) per run; None when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
     import numpy as np
 
     names = list(factors)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.2), squeeze=False)
+    fig = figure(figsize=(4.2 * len(names), 3.2))
+    if fig is None:
+        return None
+    axes = fig.subplots(1, len(names), squeeze=False)
     for ax, name in zip(axes[0], names):
         v = np.asarray(factors[name], dtype=float)
         hi = max(1.0, float(np.nanmax(np.abs(v))) if len(v) else 1.0)
@@ -208,20 +99,16 @@ def plot_histograms(factors: dict[str, list[float]], path: Path, title: str = ""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
 def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[dict[str, Any], str]:
     """Run (or resume) every stage of ``spec``; returns the JSON report and a markdown table."""
-    from ..engine import ChannelGraph, apply, make_plan
-    from ..io import load_model, save_model
-    from .method import FlopsMonitor, PolarizationOptions, apply_plan, polarization_plan, ratio_for_macs
-
     spec = _apply_extra(spec, dict(options.extra))
-    run = _Runner(spec, options, title)
+    run = PipelineRun(spec, out=out_dir(options, title), data_root=options.data_root, device=options.device,
+                      seed=options.seed, progress=options.progress, name=title)
     epochs, ft_epochs = options.epochs, options.finetune_epochs
-    popt = PolarizationOptions(threshold=spec.threshold, combine=spec.combine)
+    popt = spec.options()
     sparse_recipe = run.recipe(spec.sparse_recipe, epochs)
     ft_recipe = run.recipe(spec.finetune_recipe, ft_epochs)
     report: dict[str, Any] = {"study": title, "model": spec.model, "dataset": spec.dataset, "device": run.device,
@@ -242,13 +129,11 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
     # 2. polarized training
     model = run.fresh_model()
     if spec.gates:
-        from .regularizer import add_gates
-
         add_gates(model)
-    reg = _regularizer("polarization", spec, model, run.example)
+    reg = make_regularizer("polarization", spec, model, run.example)
     res = run.fit("polarization", model, sparse_recipe, regularizers=[reg],
                   callbacks=[FlopsMonitor(popt, run.example, verbose=options.progress)],
-                  param_groups=_param_groups(spec, model, sparse_recipe))
+                  param_groups=param_groups_for(spec, model, sparse_recipe.weight_decay))
     polarized = res.model
     report["accuracy_regularized"] = run.evaluate(polarized)
     report["macs_reduction_per_epoch"] = [round(r.get("macs_reduction", float("nan")), 4) for r in res.history]
@@ -257,12 +142,12 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
                f"polarization (λ={spec.lam:g}, t={spec.t:g})": reg.values(polarized.cpu()).tolist()}
 
     # 3. prune at the valley, fine-tune
-    pruned, details = _prune_polarized(polarized, run.example, popt)
+    pruned, details = prune_polarized(polarized, run.example, popt)
     size = run.sizes(pruned)
     ref_size = run.sizes(polarized)
     report["accuracy_pruned"] = run.evaluate(pruned)
     if popt.compensate:  # what the official code's plain removal gives (no β fold)
-        report["accuracy_pruned_uncompensated"] = run.evaluate(_prune_polarized(polarized, run.example, popt,
+        report["accuracy_pruned_uncompensated"] = run.evaluate(prune_polarized(polarized, run.example, popt,
                                                                                 compensate=False)[0])
     report["macs_reduction"] = round(1 - size["macs"] / ref_size["macs"], 4)
     report["params_reduction"] = round(1 - size["params"] / ref_size["params"], 4)
@@ -278,7 +163,7 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
     # 4. network slimming at the same MACs reduction
     if spec.slimming_lam is not None:
         ns_model = run.fresh_model()
-        ns_reg = _regularizer("slimming", spec, ns_model, run.example)
+        ns_reg = make_regularizer("slimming", spec, ns_model, run.example)
         ns = run.fit("slimming", ns_model, sparse_recipe, regularizers=[ns_reg]).model.cpu().eval()
         factors[f"network slimming (λ={spec.slimming_lam:g})"] = ns_reg.values(ns).tolist()
         graph = ChannelGraph.build(ns, run.example)
@@ -289,9 +174,9 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
             return apply(ns, graph, plan, verify=False)
 
         ratio, _, red = ratio_for_macs(ns_at, ns, run.example, target)
-        ns_plan, _ = polarization_plan(ns, graph, PolarizationOptions(threshold="percent", ratio=ratio,
-                                                                      combine=spec.combine))
-        ns_pruned, _ = apply_plan(ns, graph, ns_plan, run.example, compensate=popt.compensate)
+        ns_pruned, _ = prune_polarized(ns, run.example, PolarizationOptions(threshold="percent", ratio=ratio,
+                                                                            combine=spec.combine),
+                                       compensate=popt.compensate)
         valley_plan, _ = polarization_plan(ns, graph, popt)
         valley_red = 1 - run.sizes(apply(ns, graph, valley_plan))["macs"] / run.sizes(ns)["macs"]
         row = {"accuracy_regularized": run.evaluate(ns), "accuracy_pruned": run.evaluate(ns_pruned),
@@ -319,8 +204,7 @@ def run_study(spec: StudySpec, options: StudyOptions, *, title: str) -> tuple[di
     (run.out / "factors.json").write_text(json.dumps(factors))
     png = plot_histograms(factors, run.out / "histogram.png", f"{title}: scaling factors after training")
     report["histogram"] = str(png) if png else None
-    from ..report.histogram import magnitude_histogram  # compact γ histograms for `prunekit report`
-
+    # compact γ histograms for `prunekit report`
     report["factor_histogram"] = {name: magnitude_histogram(v) for name, v in factors.items()}
     report["seconds"] = run.seconds
     if spec.paper:
@@ -359,8 +243,62 @@ FMNIST = StudySpec(model="resnet20", dataset="fashion-mnist", lam=1e-3, t=1.2, b
                    preset="engine", bn_init=0.5, slimming_lam=5e-4, compare_l1=True)
 
 
-if "polarization-resnet20-fmnist" not in STUDIES:
-    @register_study("polarization-resnet20-fmnist")
-    def resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any], str]:
-        """CPU study: ResNet-20 (option A) on Fashion-MNIST, polarization vs slimming vs l1-norm."""
-        return run_study(FMNIST, options, title="polarization-resnet20-fmnist")
+@register_study("polarization-resnet20-fmnist")
+def resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any], str]:
+    """CPU study: ResNet-20 (option A) on Fashion-MNIST, polarization vs slimming vs l1-norm."""
+    return run_study(FMNIST, options, title="polarization-resnet20-fmnist")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU studies: the paper's Tables 1-2 rows, same pipeline as the Fashion-MNIST study
+
+
+def paper_studies() -> dict[str, StudySpec]:
+    """``{study name: spec}`` of the paper-sized studies (recipes from :mod:`prunekit.polarization.recipes`)."""
+    cifar = {"baseline_recipe": "cifar", "sparse_recipe": "polarization-cifar", "bn_init": 0.5}
+    resnet56 = StudySpec(model="resnet56", dataset="cifar10", lam=5e-5, t=1.4, preset="resnet-cifar",
+                         finetune_recipe="polarization-cifar-finetune-resnet",
+                         paper={"accuracy": 93.83, "macs_reduction": 0.47, "baseline": 93.80}, **cifar)
+    vgg16 = StudySpec(model="vgg16", dataset="cifar10", lam=3e-5, t=1.5, preset="vgg16",
+                      finetune_recipe="polarization-cifar-finetune-vgg",
+                      paper={"accuracy": 93.92, "macs_reduction": 0.54, "baseline": 93.88}, **cifar)
+
+    def on_cifar100(spec: StudySpec, accuracy: float, macs_reduction: float, baseline: float) -> StudySpec:
+        return dataclasses.replace(spec, dataset="cifar100", paper={
+            "accuracy": accuracy, "macs_reduction": macs_reduction, "baseline": baseline,
+            "note": "CIFAR-100 (λ, t) are not documented; the CIFAR-10 values are used"})
+
+    return {
+        "polarization-resnet56-cifar10": resnet56,
+        "polarization-resnet56-cifar100": on_cifar100(resnet56, 72.46, 0.25, 72.49),
+        "polarization-vgg16-cifar10": vgg16,
+        "polarization-vgg16-cifar100": on_cifar100(vgg16, 74.25, 0.43, 73.83),
+        "polarization-resnet50-imagenet": StudySpec(
+            model="resnet50", dataset="imagenet", lam=8e-5, t=1.2, preset="resnet50", bn_init=0.5,
+            baseline_recipe="imagenet", sparse_recipe="polarization-imagenet-resnet50",
+            finetune_recipe="polarization-imagenet-resnet50-finetune",
+            paper={"accuracy": 75.63, "macs_reduction": 0.54, "baseline": 76.15}),
+        "polarization-mobilenetv2-imagenet": StudySpec(
+            model="mobilenetv2", dataset="imagenet", lam=2.5e-5, t=1.0, preset="mobilenetv2-gates", bn_init=1.0,
+            gates=True, bn_weight_decay=False, baseline_recipe="imagenet",
+            sparse_recipe="polarization-imagenet-mobilenetv2",
+            finetune_recipe="polarization-imagenet-mobilenetv2-finetune",
+            paper={"accuracy": 71.8, "macs_reduction": 0.28, "baseline": 72.0}),
+    }
+
+
+PAPER_STUDIES = ("polarization-resnet56-cifar10", "polarization-resnet56-cifar100", "polarization-vgg16-cifar10",
+                 "polarization-vgg16-cifar100", "polarization-resnet50-imagenet", "polarization-mobilenetv2-imagenet")
+
+
+def _make_study(name: str):
+    def study(options: StudyOptions):
+        return run_study(paper_studies()[name], options, title=name)
+
+    study.__name__ = name.replace("-", "_")
+    study.__doc__ = f"Polarization paper study '{name}' (GPU-sized; --epochs/--finetune-epochs shorten it)."
+    return study
+
+
+for _study in PAPER_STUDIES:
+    register_study(_study)(_make_study(_study))
