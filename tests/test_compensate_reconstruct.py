@@ -226,3 +226,37 @@ def test_cli_prune_reconstruct_reports_method_seconds(capsys, tmp_path):
     assert report["method"] == "reconstruct" and report["consumers_refit"] == 2
     assert report["method_seconds"] > 0 and report["params"] < report["params_before"]
     assert report["accuracy"] >= report["accuracy_before"] - 15.0
+
+
+def test_greedy_selection_keeps_one_of_each_redundant_pair_and_is_then_exact():
+    """Neurons 3 = 2·n0 and 4 = n1: keeping 3 of 5 is lossless only with one of {0, 3}, one of {1, 4} and
+    neuron 2. The criterion (l1-norm) keeps 3 and 0 — both copies of one signal; greedy does not."""
+    net = redundant_mlp()
+    with torch.no_grad():
+        net[0].weight[2] *= 0.1  # the unique neuron has the smallest norm
+        net[0].bias[2] *= 0.1
+    x = torch.randn(300, 6, generator=torch.Generator().manual_seed(9))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = make_plan(net, graph, ratio=0.4)  # l1-norm: keeps 3 of 5
+    gid = graph.group("0").id
+    assert 2 not in plan.group(gid).keep
+    opts = ReconstructOptions(calibration=300, ridge=0.0, select="greedy")
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, opts)
+    keep = set(fitted.group(gid).keep)
+    assert len(keep) == 3 and 2 in keep and len(keep & {0, 3}) == 1 and len(keep & {1, 4}) == 1
+    assert rep["selected"] == "greedy" and fitted.group(gid).criterion == "greedy"
+    with torch.no_grad():
+        assert rel_error(apply(net, graph, fitted)(x), net(x)) < 1e-6
+        crit, _ = reconstruct_plan(net, graph, plan, x, opts.replace(select="criterion"))
+        assert rel_error(apply(net, graph, crit)(x), net(x)) > 1e-3
+
+
+def test_layers_all_also_refits_the_layers_after_the_first_pruned_consumer():
+    net = conv_net(True)
+    x = torch.randn(80, 2, 6, 6, generator=torch.Generator().manual_seed(10))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2], size=6)])
+    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80, layers="all"))
+    assert [r["module"] for r in reports] == ["2", "7"]  # the consumer, then the classifier
+    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80))
+    assert [r["module"] for r in reports] == ["2"]

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..runtime import call, capture, eval_mode
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
+from .greedy import select_channels
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -58,6 +59,11 @@ class ReconstructOptions:
         intercept: fit a constant per output (into the bias, or the following BatchNorm's running mean).
         batch_size: calibration batch size.
         max_gram_bytes: refuse a consumer whose Gram matrices would exceed this (bytes, float64).
+        select: ``criterion`` (the plan's survivors) or ``greedy``: for every group read only by plain
+            Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
+            against the consumers' outputs (:mod:`.greedy`).
+        layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
+            inputs drift: the kept producers, the following blocks, the classifier).
         seed: picks the calibration subset.
     """
 
@@ -68,9 +74,15 @@ class ReconstructOptions:
     intercept: bool = True
     batch_size: int = 100
     max_gram_bytes: int = 2 << 30
+    layers: str = "consumers"
+    select: str = "criterion"
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.select not in ("criterion", "greedy"):
+            raise ConfigError(f"select must be 'criterion' or 'greedy', got {self.select!r}")
+        if self.layers not in ("consumers", "all"):
+            raise ConfigError(f"layers must be 'consumers' or 'all', got {self.layers!r}")
         if not isinstance(self.calibration, int) or isinstance(self.calibration, bool) or self.calibration < 1:
             raise ConfigError(f"calibration must be a positive number of inputs, got {self.calibration!r}")
         if self.ridge is not None and not (isinstance(self.ridge, (int, float)) and self.ridge >= 0):
@@ -261,22 +273,31 @@ def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs
     return train, val
 
 
-def _refit_consumer(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, n_total: int,
-                    options: ReconstructOptions, intercept: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """New weight (O, I'/groups, *k) and intercept (O,) of one consumer, and its report."""
-    blocks = c.blocks()
+def _check_gram_size(c: _Consumer, options: ReconstructOptions) -> None:
     k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
-    d_max = max(len(b[0]) * k for b in blocks) + 1
-    need = 2 * d_max * d_max * 8 * len(blocks)
+    d_max = max(len(b[0]) * k for b in c.blocks()) + 1
+    need = 2 * d_max * d_max * 8 * c.groups
     if need > options.max_gram_bytes:
         raise ConfigError(f"reconstructing '{c.name}' needs Gram matrices of {need / 2**30:.2f} GiB "
-                          f"({len(blocks)} × ({d_max})²), over max_gram_bytes={options.max_gram_bytes}; prune "
+                          f"({c.groups} × ({d_max})²), over max_gram_bytes={options.max_gram_bytes}; prune "
                           "this layer without refit (ignore it) or raise the limit")
-    choose = options.ridge is None
-    n_train = n_total - max(1, round(options.holdout * n_total)) if choose and n_total > 1 else n_total
-    train, val = _statistics(original, compressed, c, inputs, options.batch_size, n_train)
+
+
+def _n_train(options: ReconstructOptions, n_total: int) -> int:
+    """Calibration inputs used for fitting; the rest (``holdout``) chooses the ridge."""
+    if options.ridge is not None or n_total < 2:
+        return n_total
+    return n_total - max(1, round(options.holdout * n_total))
+
+
+def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: ReconstructOptions,
+         intercept: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """New weight (O, I'/groups, *k) and intercept (O,) of one consumer from its statistics, and a report."""
+    blocks = c.blocks()
+    k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
     priors = [c.prior(b[0], b[2]) for b in blocks]
-    if choose and all(v.rows for v in val):
+    choose = options.ridge is None and all(v.rows for v in val)
+    if choose:
         scores = {r: sum(v.error(_solve(t, p, r, intercept)) * v.energy for t, v, p in zip(train, val, priors))
                   for r in options.ridge_grid}
         ridge = min(scores, key=lambda r: (scores[r], -r))
@@ -294,7 +315,7 @@ def _refit_consumer(original: nn.Module, compressed: nn.Module, c: _Consumer, in
     weight = torch.cat([sol[:-1].t() if len(b[0]) == width else torch.zeros(len(b[2]), width * k, dtype=sol.dtype)
                         for sol, b in zip(sols, blocks)]).reshape(o, width, *c.module.weight.shape[2:])
     bias = torch.cat([sol[-1] for sol in sols])
-    rows, unknowns = full[0].rows, d_max
+    rows, unknowns = full[0].rows, max(len(b[0]) for b in blocks) * k + 1
     report = {"module": c.name, "rows": rows, "unknowns": unknowns, "underdetermined": rows < unknowns,
               "ridge": ridge, "ridge_chosen": choose, "rel_error_pruned": before, "rel_error": after,
               "intercept": intercept, "conv_groups": c.groups}
@@ -305,6 +326,80 @@ def _refit_consumer(original: nn.Module, compressed: nn.Module, c: _Consumer, in
 # the plan
 
 
+def _layers_to_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], order: dict[str, int],
+                     layers: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """The layers to refit, in execution order, and reports for the consumers that cannot be.
+
+    ``consumers``: every module that loses input channels. ``all``: also every other Linear/conv called
+    after the first of them (their inputs drift: kept producers, later blocks, the classifier)."""
+    todo, reports = [], []
+    for m in graph.members:
+        if m.role != "in" or member_keep(m, masks).all():
+            continue
+        if (why := supported(model.get_submodule(m.module))) is not None:
+            reports.append({"module": m.module, "action": "pruned", "reason": why})
+        else:
+            todo.append(m.module)
+    if layers == "all" and todo:
+        first = min(order.get(name, 1 << 30) for name in todo)
+        todo += [name for name, module in model.named_modules()
+                 if name not in todo and order.get(name, -1) > first and supported(module) is None]
+    return sorted(set(todo), key=lambda name: order.get(name, 1 << 30)), reports
+
+
+def _consumer(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], name: str) -> _Consumer:
+    module = model.get_submodule(name)
+    member = graph.member(name, "in")
+    if member is not None:
+        keep = member_keep(member, masks)
+    else:
+        n_in = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[1] * _conv_groups(module)
+        keep = np.ones(n_in, dtype=bool)
+    return _Consumer(name, module, keep, _conv_groups(module))
+
+
+def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) -> int | None:
+    """The planned group whose survivors the greedy selection picks when ``name`` is refit: ``name`` must
+    read that group alone, one channel per input index (no flatten blocks), ungrouped."""
+    member = graph.member(name, "in")
+    if member is None or _conv_groups(model.get_submodule(name)) != 1 or len(member) == 0:
+        return None
+    gids = np.unique(member.group)
+    if len(gids) != 1 or gids[0] < 0 or (member.pos != 0).any():
+        return None
+    gp = plan.group(int(gids[0]))
+    if gp is None or len(gp.keep) == graph.groups[gp.group_id].size:
+        return None
+    for m in graph.groups[gp.group_id].members:  # every consumer of the group must qualify
+        if m.role == "in" and (supported(model.get_submodule(m.module)) is not None
+                               or _conv_groups(model.get_submodule(m.module)) != 1
+                               or (m.group != gp.group_id).any() or (m.pos != 0).any()):
+            return None
+    return gp.group_id
+
+
+def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, inputs: Any,
+                   options: ReconstructOptions, intercept: bool) -> list[int]:
+    """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
+    from the network in which every earlier decision is applied and ``gid`` is whole."""
+    g = graph.groups[gid]
+    whole = Plan(groups=[gp for gp in plan.groups if gp.group_id != gid], refits=list(plan.refits))
+    compressed = apply(model, graph, whole, verify=False)
+    stats = []
+    for m in g.members:
+        if m.role != "in":
+            continue
+        c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
+        _check_gram_size(c, options)
+        with eval_mode(model, compressed):
+            (full,), _ = _statistics(model, compressed, c, inputs, options.batch_size, 1 << 62)
+        k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
+        index_of = np.argsort(m.channel)  # input index of each group channel
+        blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
+        stats.append((full.gram, full.cross, blocks))
+    return select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept)
+
+
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
                      options: ReconstructOptions | None = None, *, progress: bool = False
                      ) -> tuple[Plan, list[dict[str, Any]]]:
@@ -313,52 +408,49 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     Args:
         model: the original model (only read).
         graph: its :class:`ChannelGraph`.
-        plan: the survivors (merge matrices, if any, are kept for consumers that cannot be refit).
+        plan: the survivors (with ``select="greedy"`` only their number, for the groups it applies to).
         data: calibration inputs: a tensor, a dict of tensors (token models) or a dataset; labels unused.
         options: :class:`ReconstructOptions`.
 
     Returns:
-        ``(plan with Refit records, one report per consumer)``.
+        ``(plan with Refit records, one report per refit layer)``.
     """
     options = options or ReconstructOptions()
     inputs = calibration_inputs(data, options.calibration, options.seed)
     n_total = options.calibration
-    masks = keep_masks(graph, plan).masks
-    todo: list[_Consumer] = []
-    reports: list[dict[str, Any]] = []
-    for m in graph.members:
-        if m.role != "in":
-            continue
-        keep = member_keep(m, masks)
-        if keep.all():
-            continue
-        module = model.get_submodule(m.module)
-        if (why := supported(module)) is not None:
-            reports.append({"module": m.module, "action": "pruned", "reason": why})
-            continue
-        todo.append(_Consumer(m.module, module, keep, _conv_groups(module)))
     with eval_mode(model):
         order = call_order(model, take(inputs, slice(0, 1)))
-    todo.sort(key=lambda c: order.get(c.name, 1 << 30))
+    todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
-    refits: list[Refit] = list(plan.refits)
+    plan = Plan(groups=list(plan.groups), meta=dict(plan.meta), refits=list(plan.refits))
+    selected: set[int] = set()
     bar = tqdm(total=len(todo), desc="reconstruct", leave=False, disable=not progress, file=sys.stderr)
-    for c in todo:
-        compressed = apply(model, graph, plan.with_refits(refits), verify=False)
-        norm = follow.get(c.name) if c.module.bias is None else None
-        intercept = options.intercept and (c.module.bias is not None or norm is not None)
+    for name in todo:
+        module = model.get_submodule(name)
+        norm = follow.get(name) if module.bias is None else None
+        intercept = options.intercept and (module.bias is not None or norm is not None)
+        gid = _greedy_group(model, graph, name, plan) if options.select == "greedy" else None
+        if gid is not None and gid not in selected:
+            keep = _select_greedy(model, graph, plan, gid, inputs, options, intercept)
+            plan.groups = [gp.replace(keep=keep, criterion="greedy") if gp.group_id == gid else gp
+                           for gp in plan.groups]
+            selected.add(gid)
+        c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
+        _check_gram_size(c, options)
+        compressed = apply(model, graph, plan, verify=False)
         with eval_mode(model, compressed):
-            weight, bias, rep = _refit_consumer(model, compressed, c, inputs, n_total, options, intercept)
-        if c.module.bias is not None:
-            refit = Refit(module=c.name, weight=weight, bias=bias)
+            train, val = _statistics(model, compressed, c, inputs, options.batch_size, _n_train(options, n_total))
+        weight, bias, rep = _fit(c, train, val, options, intercept)
+        if module.bias is not None:
+            refit = Refit(module=name, weight=weight, bias=bias)
         elif intercept:
-            refit = Refit(module=c.name, weight=weight, offset=bias, norm=norm)
+            refit = Refit(module=name, weight=weight, offset=bias, norm=norm)
         else:
-            refit = Refit(module=c.name, weight=weight)
+            refit = Refit(module=name, weight=weight)
         refit.provenance = {k: v for k, v in rep.items() if k != "module"}
-        refits.append(refit)
-        reports.append({**rep, "action": "refit", "norm": norm})
+        plan = plan.with_refits([refit])
+        reports.append({**rep, "action": "refit", "norm": norm, "selected": "greedy" if gid is not None else None})
         bar.update(1)
     bar.close()
-    meta = {**plan.meta, "method": "reconstruct", "reconstruct": options.to_dict()}
-    return Plan(groups=list(plan.groups), meta=meta, refits=refits), reports
+    plan.meta.update(method="reconstruct", reconstruct=options.to_dict())
+    return plan, reports

@@ -59,7 +59,8 @@ class MergeOptions:
         lam: λ of MostSim+BN (None: the preset's, else 0.85).
         bn_scale: ``exact`` (default) | ``paper`` (the official formulas, spec §4.1).
         negative: ``skip`` (default) | ``allow`` merges whose scale is not positive (always counted).
-        scope, rounding, overrides, ignored, seed: general-mode selection (see :func:`prunekit.engine.prune`).
+        scope, rounding, round_to, overrides, ignored, seed: general-mode selection (see
+            :func:`prunekit.engine.prune`; presets fix the widths and refuse ``round_to``).
         include_bias: score fully connected neurons as ``[w | b]`` (Neuron Merging does).
     """
 
@@ -73,6 +74,7 @@ class MergeOptions:
     negative: str = "skip"
     scope: str = "local"
     rounding: str = "round"
+    round_to: int | None = None
     overrides: Mapping[str, float] | None = None
     ignored: tuple[str, ...] | None = None
     include_bias: bool = True
@@ -87,6 +89,9 @@ class MergeOptions:
             raise ConfigError(f"threshold must be a cosine in [-1, 1] (0: no threshold), got {self.threshold!r}")
         if self.preset is not None:
             get_preset(self.preset)  # unknown names fail early, with suggestions
+            if self.round_to is not None:
+                raise ConfigError(f"round_to is not supported with preset '{self.preset}' (the preset fixes the "
+                                  "widths); drop one of them")
 
     def replace(self, **kw: Any) -> MergeOptions:
         return replace(self, **kw)
@@ -175,7 +180,8 @@ def select(model: nn.Module, graph: ChannelGraph, options: MergeOptions) -> Plan
         plan.meta["preset"] = options.preset
         return plan
     plan = make_plan(model, graph, ratio=options.ratio, criterion=options.criterion, scope=options.scope,
-                     rounding=options.rounding, overrides=options.overrides, seed=options.seed,
+                     rounding=options.rounding, round_to=options.round_to, overrides=options.overrides,
+                     seed=options.seed,
                      include_bias=options.include_bias)
     plan.groups = [gp for gp in plan.groups if len(gp.keep) < (gp.size or 0)]
     return plan

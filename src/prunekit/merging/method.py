@@ -27,7 +27,7 @@ from .core import MergeOptions, compensate, merge, select
 
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
-_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout"}
+_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers"}
 
 
 def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
@@ -42,7 +42,8 @@ def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions
     criterion = options.criterion
     if criterion == "greedy":
         if not lstsq:
-            raise ConfigError("criterion 'greedy' selects survivors from calibration data: use --method lstsq")
+            raise ConfigError("criterion 'greedy' selects survivors from calibration data: use --method lstsq or "
+                          "reconstruct")
         criterion = "l1-norm"  # only the number of survivors per group is used
     kw: dict[str, Any] = {k: extra[k] for k in _MERGE_KEYS if k in extra and extra[k] is not None}
     threshold = getattr(options, "threshold", None)
@@ -53,6 +54,7 @@ def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions
             raise ConfigError(f"merge threshold must be a number (a cosine; 0 = no threshold), got {threshold!r}"
                               ) from None
     return MergeOptions(ratio=options.ratio, criterion=criterion, scope=options.scope, rounding=options.rounding,
+                        round_to=getattr(options, "round_to", None),
                         overrides=dict(options.overrides) or None, ignored=tuple(options.ignored) or None,
                         include_bias=include_bias, seed=options.seed, **kw)
 
@@ -107,17 +109,17 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
 
 @register_method("reconstruct")
 def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
-    """Whole-layer reconstruction: survivors by the criterion (or a preset, e.g. ``resnet``), then every
+    """Whole-layer reconstruction: survivors by the criterion (or a preset, e.g. ``resnet``; ``greedy``: chosen
+    from the calibration data against the consumers' outputs), then every
     consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
     inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""
     extra = dict(getattr(options, "method_options", None) or {})
-    if options.criterion == "greedy":
-        raise ConfigError("criterion 'greedy' is a survivor choice of 'lstsq'; 'reconstruct' keeps the survivors "
-                          "of a weight criterion (l1-norm, l2-norm, l2-GM, ...)")
-    mo = merge_options(options).replace(model_type="prune")
+    mo = merge_options(options, lstsq=True).replace(model_type="prune")
     data = _calibration_data(options, "reconstruct")
-    ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout")
-                               if extra.get(k) is not None}, seed=int(extra.get("calibration_seed") or 0))
+    ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout",
+                                                     "layers") if extra.get(k) is not None},
+                            select="greedy" if options.criterion == "greedy" else "criterion",
+                            seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
     plan, reports = reconstruct_plan(model, graph, select(model, graph, mo), data, ro)
     new = apply(model, graph, plan)

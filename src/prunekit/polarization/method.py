@@ -106,6 +106,9 @@ class PolarizationOptions:
     def from_prune_options(cls, options: PruneOptions) -> PolarizationOptions:
         """From the CLI's :class:`PruneOptions`: ``threshold`` (default auto), ``method_options``."""
         extra = dict(getattr(options, "method_options", None) or {})
+        if getattr(options, "round_to", None) is not None:
+            raise ConfigError("method 'polarization' does not take round_to: the factor threshold decides each "
+                              "layer's width")
         threshold = getattr(options, "threshold", None)
         if threshold is None:
             threshold = extra.pop("threshold", "auto")
