@@ -1,4 +1,4 @@
-"""Directional-pruning diagnostics (spec/grda.md §3.5–3.7): HVP, Lanczos, projections, paths, NormRatioLogger, CLI."""
+"""Directional-pruning diagnostics (docs/grda.md, "Directional pruning diagnostics"): HVP, Lanczos, projections, paths, NormRatioLogger, CLI."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from prunekit.callbacks import NormRatioLogger, norm_ratio
 from prunekit.cli import main
 from prunekit.data import get_dataset
 from prunekit.errors import ConfigError
@@ -29,8 +28,10 @@ from prunekit.evidence.paths import PathEvaluator, bezier_point, linear_point, t
 from prunekit.io import save_model
 from prunekit.metrics import evaluate
 from prunekit.models import create
+from prunekit.optim.grda import NormRatioLogger, norm_ratio
 from prunekit.train import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny float64 models: one thread is ~8× faster on 2 cores
 
 def tiny(seed: int, bn: bool = False) -> nn.Module:
     """6 → 5 → 3 MLP in float64 (d = 53, or 63 with BN)."""

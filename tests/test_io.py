@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from prunekit import models as zoo
 from prunekit.errors import CheckpointError, ConfigError
 from prunekit.io import checkpoint as ckpt_mod
 from prunekit.io import (
@@ -26,10 +27,6 @@ from prunekit.io import (
     save_state,
 )
 from prunekit.io import state as state_mod
-
-OFFICIAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "checkpoints"
-LENET_CKPT = OFFICIAL / "neuron-merging-lenet300-fashionmnist.pth.tar"
-
 
 # ---------------------------------------------------------------------------------------------
 # Small stand-in models (the zoo is exercised separately, when importable)
@@ -548,15 +545,13 @@ def test_legacy_corrupt_and_missing(tmp_path, fake_zoo):
         load_model(trunc, model_name="lenet-300-100")
 
 
-def test_official_lenet_checkpoint(fake_zoo):
-    if not LENET_CKPT.is_file():
-        pytest.skip(f"reference checkpoint not present at {LENET_CKPT} (only in the project's shared folder)")
-    model, info = load_model(LENET_CKPT, model_name="lenet-300-100")
+def test_official_lenet_checkpoint(fake_zoo, official_lenet_checkpoint):
+    model, info = load_model(official_lenet_checkpoint, model_name="lenet-300-100")
     assert info["acc"] == 89.8
     assert tuple(model.fc1.weight.shape) == (300, 784)
     assert tuple(model.fc2.weight.shape) == (100, 300)
     assert tuple(model.fc3.weight.shape) == (10, 100)
-    raw = torch.load(LENET_CKPT, map_location="cpu", weights_only=True)["state_dict"]
+    raw = torch.load(official_lenet_checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     for ours, theirs in (("fc1", "ip1"), ("fc2", "ip2"), ("fc3", "ip3")):
         assert torch.equal(getattr(model, ours).weight, raw[f"{theirs}.weight"])
         assert torch.equal(getattr(model, ours).bias, raw[f"{theirs}.bias"])
@@ -565,10 +560,6 @@ def test_official_lenet_checkpoint(fake_zoo):
 # ---------------------------------------------------------------------------------------------
 # Official key mappings, against the real zoo
 # ---------------------------------------------------------------------------------------------
-
-
-def _zoo():
-    return pytest.importorskip("prunekit.models", reason="model zoo not available yet")
 
 
 BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
@@ -628,7 +619,6 @@ def _as_official(model, official_keys):
     ],
 )
 def test_official_key_mapping_loads_into_zoo(tmp_path, name, cfg, keys):
-    zoo = _zoo()
     src = zoo.create(name, **cfg)
     official = _as_official(src, keys())
     mapped = import_state_dict(name, official, zoo.create(name, **cfg))
@@ -652,14 +642,16 @@ def test_torchvision_names_are_identity():
     assert list(import_state_dict("mobilenetv2", sd)) == ["features.0.0.weight"]
 
 
-def test_zoo_model_roundtrip_and_official_lenet(tmp_path):
-    zoo = _zoo()
+def test_zoo_model_roundtrip(tmp_path):
     m = zoo.create("resnet20")
     m.eval()
     x = torch.randn(2, *m.input_shape)
     save_model(tmp_path / "r20", m, metadata={"accuracy": 91.7})
     m2, info = load_model(tmp_path / "r20")
     assert info["arch"] == zoo.arch_of(m) and torch.equal(m2.eval()(x), m(x))
-    if LENET_CKPT.is_file():
-        model, info = load_model(LENET_CKPT, model_name="lenet-300-100")
-        assert info["acc"] == 89.8 and tuple(model.fc1.weight.shape) == (300, 784)
+
+
+def test_official_lenet_checkpoint_into_the_real_zoo(official_lenet_checkpoint):
+    model, info = load_model(official_lenet_checkpoint, model_name="lenet-300-100")
+    assert info["acc"] == 89.8 and tuple(model.fc1.weight.shape) == (300, 784)
+    assert zoo.arch_of(model)["name"] == "lenet-300-100"

@@ -3,33 +3,25 @@ without it), least-squares compensation on 1,000 unlabeled training images, and 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from prunekit.merging import MergeOptions, merge
-from prunekit.merging.studies import LENET_PAPER
+from prunekit.studies.merging import LENET_PAPER
 
-OFFICIAL_LENET = Path(__file__).resolve().parents[2] / "shared/checkpoints/neuron-merging-lenet300-fashionmnist.pth.tar"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-pytestmark = [
-    pytest.mark.realdata,
-    pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in "
-                                                           "../shared/checkpoints (it is never copied here)"),
-    pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist"
-                                                   " or prunekit data fetch fashion-mnist)"),
-]
+# Every test needs the official checkpoint and Fashion-MNIST: both come from the conftest fixtures, which skip
+# with a reason (how to get them) when either is absent.
+pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("fashion_mnist_root", "official_lenet_checkpoint")]
 
 
 @pytest.fixture(scope="module")
-def setup():
+def setup(official_lenet_checkpoint):
     from prunekit.data import get_dataset, make_loader
     from prunekit.io import load_model
 
     torch.set_num_threads(1)
-    model, _ = load_model(OFFICIAL_LENET, model_name="lenet-300-100")
+    model, _ = load_model(official_lenet_checkpoint, model_name="lenet-300-100")
     test = make_loader(get_dataset("fashion-mnist", "test"), 2000, shuffle=False)
     train = get_dataset("fashion-mnist", "train", augment=False)
     return model.eval(), test, train
@@ -57,7 +49,7 @@ def test_published_l1_table_cells(setup, ratio):
 
 @pytest.mark.parametrize("ratio, floor", [(0.7, 86.5), (0.8, 83.5)])
 def test_lstsq_with_1000_unlabeled_images(setup, ratio, floor):
-    from prunekit.merging.compensation import LstsqOptions, compensate
+    from prunekit.merging import LstsqOptions, compensate
 
     model, test, train = setup
     opts = MergeOptions(ratio=ratio, preset="lenet-300-100")
@@ -68,12 +60,12 @@ def test_lstsq_with_1000_unlabeled_images(setup, ratio, floor):
     assert accuracy(same.model, test) >= LENET_PAPER[ratio][1] + 3.0  # well above the paper's merge
 
 
-def test_cli_prune_merge_lstsq_json(capsys):
+def test_cli_prune_merge_lstsq_json(capsys, official_lenet_checkpoint):
     from prunekit.cli import main
 
     reports = {}
     for method in ("prune", "merge", "lstsq"):
-        code = main(["prune", "--model", "lenet-300-100", "--checkpoint", str(OFFICIAL_LENET), "--dataset",
+        code = main(["prune", "--model", "lenet-300-100", "--checkpoint", str(official_lenet_checkpoint), "--dataset",
                      "fashion-mnist", "--method", method, "--criterion", "l1-norm", "--ratio", "0.7",
                      "--threshold", "0.45", "--calibration", "1000", "--include-bias", "--latency-runs", "1", "--json"])
         out, err = capsys.readouterr()
@@ -87,10 +79,10 @@ def test_cli_prune_merge_lstsq_json(capsys):
     assert reports["lstsq"]["accuracy"] >= 86.5 and reports["lstsq"]["merged"] == 280
 
 
-def test_reproduce_study_one_ratio():
+def test_reproduce_study_one_ratio(official_lenet_checkpoint):
     from prunekit.reproduce import StudyOptions, get_study
 
-    report, table = get_study("nm-lenet300-fmnist")(StudyOptions(checkpoint=str(OFFICIAL_LENET),
+    report, table = get_study("nm-lenet300-fmnist")(StudyOptions(checkpoint=str(official_lenet_checkpoint),
                                                                  extra={"ratios": [0.7], "calibration": 200}))
     (row,) = report["rows"]
     assert report["baseline"] == pytest.approx(89.80, abs=0.05)

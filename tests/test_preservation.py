@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +16,6 @@ from prunekit.merging import MergeOptions, merge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-OFFICIAL_LENET = Path(__file__).resolve().parents[2] / "shared/checkpoints/neuron-merging-lenet300-fashionmnist.pth.tar"
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 METRICS = ("output_relative_l2", "ware", "agreement", "kl")
 
 
@@ -207,18 +204,15 @@ def test_cli_prune_json_and_compare_end_to_end(capsys, tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not OFFICIAL_LENET.exists(), reason="official Neuron Merging checkpoint not in "
-                                                        "../shared/checkpoints (it is never copied here)")
-@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist"
-                                                " or prunekit data fetch fashion-mnist)")
-def test_merged_preserves_the_output_better_than_pruned_at_every_published_ratio():
+def test_merged_preserves_the_output_better_than_pruned_at_every_published_ratio(fashion_mnist_root,
+                                                                                 official_lenet_checkpoint):
     """The paper's claim on the official checkpoint, first 2,000 test inputs, l1-norm ratios 0.5–0.8."""
     from prunekit.data import get_dataset
     from prunekit.io import load_model
-    from prunekit.merging.studies import LENET_PAPER
+    from prunekit.studies.merging import LENET_PAPER
 
-    model, _ = load_model(OFFICIAL_LENET, model_name="lenet-300-100")
-    test = get_dataset("fashion-mnist", "test")
+    model, _ = load_model(official_lenet_checkpoint, model_name="lenet-300-100")
+    test = get_dataset("fashion-mnist", "test", root=fashion_mnist_root)
     for ratio in sorted(LENET_PAPER):
         opts = MergeOptions(ratio=ratio, criterion="l1-norm", preset="lenet-300-100")
         res = {kind: feature_preservation(model, merge(model, (1, 1, 28, 28), opts.replace(model_type=kind)).model,

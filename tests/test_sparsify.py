@@ -26,8 +26,6 @@ from prunekit.sparse import (
 )
 from prunekit.sparse.storage import _nonzero_mask
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
@@ -238,8 +236,8 @@ def _run(capsys, *argv: str) -> tuple[int, dict | None, str]:
     return rc, (json.loads(out) if rc == 0 and "--json" in argv else None), err
 
 
-@pytest.mark.skipif(not FMNIST.exists(), reason="Fashion-MNIST not installed")
-def test_cli_end_to_end_reloads_identically_and_keeps_accuracy(tmp_path, capsys):
+@pytest.mark.realdata
+def test_cli_end_to_end_reloads_identically_and_keeps_accuracy(tmp_path, capsys, fashion_mnist_root):
     model = _sparse_lenet(density=0.3)
     with torch.no_grad():
         model.fc1.weight[:10] = 0  # 10 neurons with constant output relu(b)

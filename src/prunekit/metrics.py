@@ -120,15 +120,14 @@ def _extra_formulas() -> dict:
 def _exclusive(inclusive: dict[str, int], root: str) -> dict[str, int]:
     """Turn the counter's nested per-module totals into each module's own share, by module path.
 
-    The counter names modules ``Root.a.b`` and counts an op in every enclosing module. A module's own
+    The counter names modules ``Root.a.b`` and counts an op in every enclosing module, and in
+    ``Global``, which here is the root's forward (nothing else runs under the counter). A module's own
     share is its total less the totals of its nearest counted descendants; the shares add up to the
-    root's total. Modules outside the root's tree (called but not registered) stay in their caller.
+    total. Ops of modules outside the root's tree (called but not registered) stay with their caller.
     """
-    named = {}
+    named = {"": inclusive.get("Global", 0)}
     for key, v in inclusive.items():
-        if key == root:
-            named[""] = v
-        elif key.startswith(root + "."):
+        if key.startswith(root + "."):
             named[key[len(root) + 1:]] = v
     own = dict(named)
     for name, v in named.items():

@@ -5,7 +5,7 @@ Entry points:
     get_dataset(name, split, root=..., ...)      a torch Dataset of normalised float32 (C, H, W) samples
     make_loader(dataset, batch_size, shuffle=...) batches whose order/augmentation depend only on
                                                  (seed, epoch), identical across resumes and ranks
-    resolve_root(name, root), fetch(name, root)  find the files / obtain them (apt, verified download)
+    resolve_root(name, root), fetch(name, root)  find the files / obtain them (verified download; apt on request)
 """
 from .base import ArrayDataset
 from .cifar import RestrictedUnpickler, load_cifar_split, load_pickle

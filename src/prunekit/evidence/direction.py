@@ -1,4 +1,4 @@
-"""Directional-pruning diagnostics for a pair of solutions w_A (SGD) and w_B (gRDA): spec/grda.md §3.5–3.7, §4.
+"""Directional-pruning diagnostics for a pair of solutions w_A (SGD) and w_B (gRDA) (docs/grda.md, "Directional pruning diagnostics").
 
 The paper argues that gRDA prunes *directionally* (Definition 1.1): w_B − w_A lies in the flat directions
 of the loss at w_A, so (1) the two minima are joined by a low-loss path, (2) w_B − w_A has almost no

@@ -11,7 +11,7 @@ from double backpropagation, ``∇_w (∇_w L(w) · v)``, one batch at a time (m
 
 :func:`lanczos` runs the symmetric Lanczos iteration with full reorthogonalisation on any symmetric
 operator and returns its largest (algebraic) eigenvalues with their Ritz vectors;
-:func:`projection_fraction` is the paper's ‖P_k d‖ / ‖d‖ (spec/grda.md §3.6).
+:func:`projection_fraction` is the paper's ‖P_k d‖ / ‖d‖ (docs/grda.md, "Directional pruning diagnostics").
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import ConfigError
+from ..runtime import eval_mode
 
 __all__ = [
     "Eigenpairs",
@@ -111,9 +112,7 @@ class HessianOperator:
             raise ConfigError(f"HessianOperator expects a vector of shape ({self.dim},), got {tuple(v.shape)}")
         v = v.to(self.point)
         out = torch.zeros_like(self.point)
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with eval_mode(self.model, no_grad=False):  # double backprop needs the graph
             for x, y in self.batches:
                 w = self.point.clone().requires_grad_(True)
                 logits = functional_call(self.model, parameter_views(self.model, w), (x,))
@@ -121,8 +120,6 @@ class HessianOperator:
                 (g,) = torch.autograd.grad(loss, w, create_graph=True)
                 (hv,) = torch.autograd.grad(g @ v, w)
                 out += hv
-        finally:
-            self.model.train(was_training)
         self.calls += 1
         return out
 
@@ -235,5 +232,5 @@ def random_projection_fractions(basis: torch.Tensor, norm: float, draws: int, *,
 
 
 def expected_random_fraction(k: int, dim: int) -> float:
-    """E‖P_k r‖/‖r‖ ≈ √(k/dim) for an isotropic random r (the reference level of §3.6)."""
+    """E‖P_k r‖/‖r‖ ≈ √(k/dim) for an isotropic random r (the reference level for the projection fraction)."""
     return math.sqrt(k / dim)

@@ -27,6 +27,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError
 from ..metrics import evaluate
+from ..runtime import eval_mode
 from .hessian import parameter_views, set_flat_parameters
 
 __all__ = ["PathEvaluator", "PathResult", "bezier_point", "has_batchnorm", "linear_point", "train_bezier"]
@@ -116,9 +117,9 @@ def train_bezier(model: nn.Module, a: torch.Tensor, b: torch.Tensor, loader: Ite
     theta = 0.5 * (a + b)
     velocity = torch.zeros_like(theta)
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    was_training = model.training
-    model.train()
-    try:
+    # eval_mode restores every submodule's own flag on exit; inside, the curve is trained in train mode.
+    with eval_mode(model, no_grad=False):
+        model.train()
         for epoch in range(epochs):
             if hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
@@ -131,6 +132,4 @@ def train_bezier(model: nn.Module, a: torch.Tensor, b: torch.Tensor, loader: Ite
                 with torch.no_grad():
                     velocity.mul_(momentum).add_(g, alpha=2.0 * t * (1.0 - t))
                     theta.sub_(velocity, alpha=lr)
-    finally:
-        model.train(was_training)
     return theta
