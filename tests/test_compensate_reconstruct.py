@@ -260,3 +260,47 @@ def test_layers_all_also_refits_the_layers_after_the_first_pruned_consumer():
     assert [r["module"] for r in reports] == ["2", "7"]  # the consumer, then the classifier
     _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80))
     assert [r["module"] for r in reports] == ["2"]
+
+
+class Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))) + x)
+
+
+def residual_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), Block(8), Block(8), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 4)).eval()
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+    return net
+
+
+def test_residual_target_finds_the_skip_and_corrects_its_drift():
+    from prunekit.compensate.residual import find_skips
+
+    net = residual_net()
+    skips, _ = find_skips(net)
+    assert {k: v.norm for k, v in skips.items()} == {"2.conv2": "2.bn2", "3.conv2": "3.bn2"}
+    x = torch.randn(300, 2, 6, 6, generator=torch.Generator().manual_seed(11))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = make_plan(net, graph, ratio=0.0, overrides={"*.conv1": 0.75})
+    plain, _ = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300))
+    aware, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300, residual=True))
+    by_module = {r["module"]: r for r in reports}
+    assert by_module["3.conv2"]["residual_target"] and by_module["2.conv2"]["residual_target"]
+    xt = torch.randn(200, 2, 6, 6, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():  # the first block sees no drift (same targets); the second one corrects block 1's
+        ref = net[:4](xt)
+        e_plain = rel_error(apply(net, graph, plain)[:4](xt), ref)
+        e_aware = rel_error(apply(net, graph, aware)[:4](xt), ref)
+    assert e_aware < e_plain - 1e-3  # identical computations without the correction

@@ -44,6 +44,7 @@ from ..runtime import call, capture, eval_mode
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
 from .greedy import select_channels
+from .residual import Skip, find_skips, skip_correction
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -62,6 +63,8 @@ class ReconstructOptions:
         select: ``criterion`` (the plan's survivors) or ``greedy``: for every group read only by plain
             Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
             against the consumers' outputs (:mod:`.greedy`).
+        residual: for a consumer whose output (through at most one BatchNorm) is added to a skip branch,
+            also correct the skip branch's drift (:mod:`.residual`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
             inputs drift: the kept producers, the following blocks, the classifier).
         seed: picks the calibration subset.
@@ -76,6 +79,7 @@ class ReconstructOptions:
     max_gram_bytes: int = 2 << 30
     layers: str = "consumers"
     select: str = "criterion"
+    residual: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -242,8 +246,9 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
 
 
 def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, batch_size: int,
-                n_train: int) -> tuple[list[_Normal], list[_Normal]]:
-    """(train, held-out) normal equations per conv group of consumer ``c``."""
+                n_train: int, correction: Any = None) -> tuple[list[_Normal], list[_Normal]]:
+    """(train, held-out) normal equations per conv group of consumer ``c``; ``correction(batch)`` (optional)
+    is added to the original output (the residual-aware target)."""
     blocks = c.blocks()
     sizes = [len(b[0]) * int(np.prod(c.module.weight.shape[2:], dtype=np.int64)) for b in blocks]
     train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
@@ -255,6 +260,8 @@ def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs
         with capture(compressed, [c.name], stop=True) as x:
             call(compressed, xb)
         y, x = y[c.name], x[c.name]
+        if correction is not None:
+            y = y + correction(xb)
         _check_finite(x, c.name, "inputs")
         _check_finite(y, c.name, "outputs")
         n = x.shape[0]
@@ -400,6 +407,18 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
     return select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept)
 
 
+def _skip_correction(skip: Skip | None, fx_graph: Any, model: nn.Module, compressed: nn.Module) -> Any:
+    """``batch ↦`` the skip branch's drift in the consumer's output space, or None (no skip, or the skip's
+    channels differ between the networks: the residual stream itself is pruned)."""
+    if skip is None:
+        return None
+
+    def correction(xb: Any) -> torch.Tensor | None:
+        return skip_correction(skip, model, fx_graph, model, compressed, xb)
+
+    return correction
+
+
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
                      options: ReconstructOptions | None = None, *, progress: bool = False
                      ) -> tuple[Plan, list[dict[str, Any]]]:
@@ -422,6 +441,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         order = call_order(model, take(inputs, slice(0, 1)))
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
+    skips, fx_graph = find_skips(model) if options.residual else ({}, None)
     plan = Plan(groups=list(plan.groups), meta=dict(plan.meta), refits=list(plan.refits))
     selected: set[int] = set()
     bar = tqdm(total=len(todo), desc="reconstruct", leave=False, disable=not progress, file=sys.stderr)
@@ -438,8 +458,10 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
         _check_gram_size(c, options)
         compressed = apply(model, graph, plan, verify=False)
+        correction = _skip_correction(skips.get(name), fx_graph, model, compressed)
         with eval_mode(model, compressed):
-            train, val = _statistics(model, compressed, c, inputs, options.batch_size, _n_train(options, n_total))
+            train, val = _statistics(model, compressed, c, inputs, options.batch_size, _n_train(options, n_total),
+                                     correction)
         weight, bias, rep = _fit(c, train, val, options, intercept)
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)
@@ -449,7 +471,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
             refit = Refit(module=name, weight=weight)
         refit.provenance = {k: v for k, v in rep.items() if k != "module"}
         plan = plan.with_refits([refit])
-        reports.append({**rep, "action": "refit", "norm": norm, "selected": "greedy" if gid is not None else None})
+        reports.append({**rep, "action": "refit", "norm": norm, "selected": "greedy" if gid is not None else None,
+                        "residual_target": correction is not None})
         bar.update(1)
     bar.close()
     plan.meta.update(method="reconstruct", reconstruct=options.to_dict())

@@ -27,7 +27,8 @@ from .core import MergeOptions, compensate, merge, select
 
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
-_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers"}
+_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers",
+                     "residual"}
 
 
 def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
@@ -117,7 +118,7 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     mo = merge_options(options, lstsq=True).replace(model_type="prune")
     data = _calibration_data(options, "reconstruct")
     ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout",
-                                                     "layers") if extra.get(k) is not None},
+                                                     "layers", "residual") if extra.get(k) is not None},
                             select="greedy" if options.criterion == "greedy" else "criterion",
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
