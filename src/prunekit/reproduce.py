@@ -31,9 +31,11 @@ class StudyOptions:
 
 
 Study = Callable[[StudyOptions], tuple[dict[str, Any], str]]
-#: one module per paper: Neuron Merging (``nm-*``), Polarization (``polarization-*``), gRDA (``grda-*``)
+#: one module per paper: Neuron Merging (``nm-*``), Polarization (``polarization-*``), gRDA (``grda-*``),
+#: and compensation side by side (``compensation-*``)
 STUDIES: Registry[Study] = Registry("study", builtins=(
-    "prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda"))
+    "prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda",
+    "prunekit.studies.compensation"))
 
 
 def register_study(name: str) -> Callable[[Study], Study]:

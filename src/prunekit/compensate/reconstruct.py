@@ -153,23 +153,24 @@ def _outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
 @dataclass
 class _Normal:
     """Normal equations of one conv group / linear layer: ``gram = [U|1]ᵀ[U|1]``, ``cross = [U|1]ᵀY``,
-    ``energy = ‖Y‖²``, ``rows``. The constant column is last (present even without intercept)."""
+    ``energy[o] = ‖Y[:, o]‖²``, ``rows``. The constant column is last (present even without intercept)."""
 
     gram: torch.Tensor
     cross: torch.Tensor
-    energy: float = 0.0
+    energy: torch.Tensor
     rows: int = 0
 
     @classmethod
     def zeros(cls, d: int, o: int) -> _Normal:
-        return cls(torch.zeros(d + 1, d + 1, dtype=torch.float64), torch.zeros(d + 1, o, dtype=torch.float64))
+        return cls(torch.zeros(d + 1, d + 1, dtype=torch.float64), torch.zeros(d + 1, o, dtype=torch.float64),
+                   torch.zeros(o, dtype=torch.float64))
 
     def add(self, u: torch.Tensor, y: torch.Tensor) -> None:
         u = torch.cat([u.double(), torch.ones(u.shape[0], 1, dtype=torch.float64, device=u.device)], 1)
         y = y.double()
         self.gram += (u.t() @ u).cpu()
         self.cross += (u.t() @ y).cpu()
-        self.energy += float((y * y).sum())
+        self.energy += (y * y).sum(0).cpu()
         self.rows += u.shape[0]
 
     def absorb(self, other: _Normal) -> _Normal:
@@ -180,10 +181,16 @@ class _Normal:
         self.rows += other.rows
         return self
 
-    def error(self, coef: torch.Tensor) -> float:
-        """‖Y − [U|1] coef‖² / ‖Y‖² from the statistics alone."""
-        e = self.energy - 2 * float(torch.sum(coef * self.cross)) + float(torch.sum(coef * (self.gram @ coef)))
-        return e / self.energy if self.energy > 0 else 0.0
+    def outputs(self, keep: torch.Tensor) -> _Normal:
+        """The same statistics for the outputs ``keep`` (bool over O) only."""
+        return _Normal(self.gram, self.cross[:, keep], self.energy[keep], self.rows)
+
+    def total(self) -> float:
+        return float(self.energy.sum())
+
+    def residual(self, coef: torch.Tensor) -> float:
+        """‖Y − [U|1] coef‖² from the statistics alone."""
+        return self.total() - 2 * float(torch.sum(coef * self.cross)) + float(torch.sum(coef * (self.gram @ coef)))
 
 
 def _solve(stats: _Normal, prior: torch.Tensor, r: float, intercept: bool) -> torch.Tensor:
@@ -298,26 +305,34 @@ def _n_train(options: ReconstructOptions, n_total: int) -> int:
 
 
 def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: ReconstructOptions,
-         intercept: bool) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """New weight (O, I'/groups, *k) and intercept (O,) of one consumer from its statistics, and a report."""
+         intercept: bool, kept_out: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """New weight (O, I'/groups, *k) and intercept (O,) of one consumer from its statistics, and a report.
+
+    Every output row is refit (rows are independent); the ridge is chosen, and errors are reported, on the
+    outputs the plan keeps (``kept_out``, bool over O; None: all)."""
     blocks = c.blocks()
     k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
     priors = [c.prior(b[0], b[2]) for b in blocks]
+    kept = torch.ones(c.module.weight.shape[0], dtype=torch.bool) if kept_out is None else torch.from_numpy(kept_out)
+    masks = [kept[b[2]] for b in blocks]
+
+    def residual(stats: list[_Normal], coefs: list[torch.Tensor]) -> float:
+        return sum(s.outputs(m).residual(x[:, m]) for s, x, m in zip(stats, coefs, masks))
+
     choose = options.ridge is None and all(v.rows for v in val)
     if choose:
-        scores = {r: sum(v.error(_solve(t, p, r, intercept)) * v.energy for t, v, p in zip(train, val, priors))
+        scores = {r: residual(val, [_solve(t, p, r, intercept) for t, p in zip(train, priors)])
                   for r in options.ridge_grid}
         ridge = min(scores, key=lambda r: (scores[r], -r))
     else:
         ridge = options.ridge if options.ridge is not None else options.ridge_grid[len(options.ridge_grid) // 2]
     full = [t.absorb(v) for t, v in zip(train, val)]
     sols = [_solve(s, p, ridge, intercept) for s, p in zip(full, priors)]
-    energy = sum(s.energy for s in full)
-    before = sum(s.error(p) * s.energy for s, p in zip(full, priors)) / max(energy, 1e-300)
     if not intercept:  # plain pruning keeps the original bias; so does a refit without intercept
         for sol, p in zip(sols, priors):
             sol[-1] = p[-1]
-    after = sum(s.error(sol) * s.energy for s, sol in zip(full, sols)) / max(energy, 1e-300)
+    energy = max(sum(s.outputs(m).total() for s, m in zip(full, masks)), 1e-300)
+    before, after = residual(full, priors) / energy, residual(full, sols) / energy
     o, width = c.module.weight.shape[0], max(len(b[0]) for b in blocks)  # a block that keeps no input
     weight = torch.cat([sol[:-1].t() if len(b[0]) == width else torch.zeros(len(b[2]), width * k, dtype=sol.dtype)
                         for sol, b in zip(sols, blocks)]).reshape(o, width, *c.module.weight.shape[2:])
@@ -325,8 +340,14 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
     rows, unknowns = full[0].rows, max(len(b[0]) for b in blocks) * k + 1
     report = {"module": c.name, "rows": rows, "unknowns": unknowns, "underdetermined": rows < unknowns,
               "ridge": ridge, "ridge_chosen": choose, "rel_error_pruned": before, "rel_error": after,
-              "intercept": intercept, "conv_groups": c.groups}
+              "intercept": intercept, "conv_groups": c.groups, "outputs_kept": int(kept.sum())}
     return weight, bias, report
+
+
+def _kept_outputs(graph: ChannelGraph, plan: Plan, name: str) -> np.ndarray | None:
+    """Bool over ``name``'s outputs: those the plan keeps (None when its outputs are in no group)."""
+    member = graph.member(name, "out")
+    return None if member is None else member_keep(member, keep_masks(graph, plan).masks)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,6 +424,9 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
         k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
         index_of = np.argsort(m.channel)  # input index of each group channel
         blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
+        kept = _kept_outputs(graph, plan, m.module)
+        if kept is not None:  # only the outputs that survive matter
+            full = full.outputs(torch.from_numpy(kept))
         stats.append((full.gram, full.cross, blocks))
     return select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept)
 
@@ -462,7 +486,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         with eval_mode(model, compressed):
             train, val = _statistics(model, compressed, c, inputs, options.batch_size, _n_train(options, n_total),
                                      correction)
-        weight, bias, rep = _fit(c, train, val, options, intercept)
+        weight, bias, rep = _fit(c, train, val, options, intercept, _kept_outputs(graph, plan, name))
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)
         elif intercept:

@@ -7,6 +7,9 @@ come in ``options.method_options`` (CLI: ``--lam``, ``--bn-scale``, ``--preset``
 
 * ``merge``: ``preset``, ``lam``, ``bn_scale`` (``exact``|``paper``), ``negative`` (``skip``|``allow``),
   ``model_type`` (``merge``|``prune``).
+* ``reconstruct``: ``calibration``, ``ridge`` (default: chosen on held-out data), ``intercept``, ``holdout``,
+  ``select`` (``greedy``, default, or ``criterion``), ``residual`` (residual-aware targets), ``layers``
+  (``consumers`` or ``all``), ``calibration_seed``, ``batch_size``.
 * ``lstsq``: the same selection options plus ``calibration`` (N inputs), ``ridge``, ``init``
   (``prune``|``merge``), ``intercept``, ``calibration_seed``; ``criterion="greedy"`` picks the survivors
   from the calibration data (forward selection) instead of a weight criterion. The calibration inputs
@@ -28,7 +31,7 @@ from .core import MergeOptions, compensate, merge, select
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
 _RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers",
-                     "residual"}
+                     "residual", "select"}
 
 
 def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
@@ -110,8 +113,9 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
 
 @register_method("reconstruct")
 def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
-    """Whole-layer reconstruction: survivors by the criterion (or a preset, e.g. ``resnet``; ``greedy``: chosen
-    from the calibration data against the consumers' outputs), then every
+    """Whole-layer reconstruction: as many survivors per group as the criterion (or a preset, e.g. ``resnet``)
+    keeps, chosen greedily from the calibration data against the consumers' outputs (``select=criterion``:
+    the criterion's own survivors), then every
     consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
     inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""
     extra = dict(getattr(options, "method_options", None) or {})
@@ -119,7 +123,7 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     data = _calibration_data(options, "reconstruct")
     ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout",
                                                      "layers", "residual") if extra.get(k) is not None},
-                            select="greedy" if options.criterion == "greedy" else "criterion",
+                            select="greedy" if options.criterion == "greedy" else extra.get("select") or "greedy",
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
     plan, reports = reconstruct_plan(model, graph, select(model, graph, mo), data, ro)

@@ -1,0 +1,235 @@
+"""Compensation side by side: ``prunekit reproduce compensation-resnet20-fmnist``.
+
+ResNet-20 (option-A shortcuts) trained on Fashion-MNIST with the ``polarization-fmnist`` recipe (5 epochs,
+seed 0; or ``--checkpoint`` a trained one), every block's conv1 pruned (preset ``resnet``, l1-norm,
+floor(c(1−r))) at ratios 0.3 / 0.5 / 0.7, **no fine-tuning** for prunekit's methods, 1,000 unlabeled
+training images for the data-light ones:
+
+* ``prune`` — the criterion's survivors, nothing compensated;
+* ``merge`` — Neuron Merging (MostSim+BN, data-free);
+* ``lstsq`` / ``lstsq-greedy`` — one channel-mixing matrix per group fitted on the calibration images;
+* ``reconstruct`` — every consumer's whole weight refit to its original output (ridge on held-out data,
+  intercept into the following BN); ``reconstruct-greedy`` also picks the survivors against that
+  objective; ``reconstruct-best`` adds residual-aware targets and refits every later layer (kept producers,
+  classifier);
+* ``torch-pruning`` — Torch-Pruning's magnitude pruning (L2) of the same layers to the same widths, then 0,
+  1, 2 and 3 epochs of fine-tuning (``polarization-fmnist-finetune``, cosine over 3 epochs, all 60,000
+  labelled images): how many epochs of training compensation saves. Skipped with a note when
+  ``torch-pruning`` is not installed.
+
+Plus a calibration-size sweep of ``reconstruct-best`` at ratio 0.5 (accuracy and wall time).
+
+Study options (``--set KEY=VALUE``): ``ratios``, ``methods``, ``calibration``, ``sweep`` (list of sizes, ``[]``
+to skip), ``finetune`` (epochs, 0 to skip), ``test_size``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.data import dataset_info, get_dataset, make_loader
+from prunekit.io import load_model
+from prunekit.methods import PruneOptions, get_method
+from prunekit.metrics import count_macs, count_params, evaluate
+from prunekit.models import create
+from prunekit.recipes import get_recipe
+from prunekit.reproduce import StudyOptions, register_study
+from prunekit.train import seed_everything, train
+
+from .common import check_options, figure, fmt, out_dir, stderr_log
+
+TITLE = "compensation-resnet20-fmnist"
+#: label -> (method, criterion, method options)
+METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "prune": ("prune", "l1-norm", {}),
+    "merge": ("merge", "l1-norm", {}),
+    "lstsq": ("lstsq", "l1-norm", {}),
+    "lstsq-greedy": ("lstsq", "greedy", {}),
+    "reconstruct": ("reconstruct", "l1-norm", {"select": "criterion"}),
+    "reconstruct-greedy": ("reconstruct", "l1-norm", {"select": "greedy"}),
+    "reconstruct-best": ("reconstruct", "greedy", {"residual": True, "layers": "all"}),
+}
+SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "test_size")
+
+
+def _baseline(options: StudyOptions, out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained ResNet-20: ``--checkpoint``, or trained (resumable, cached) under ``OUT/baseline``."""
+    if options.checkpoint:
+        model, _ = load_model(options.checkpoint)
+        return model.eval(), {"checkpoint": str(options.checkpoint)}
+    info = dataset_info("fashion-mnist")
+    seed_everything(options.seed)
+    model = create("resnet20", num_classes=info.num_classes, in_channels=info.input_shape[0],
+                   input_size=info.input_shape[1])
+    train_set = get_dataset("fashion-mnist", "train", root=options.data_root, download=False)
+    test_set = get_dataset("fashion-mnist", "test", root=options.data_root, download=False)
+    recipe = get_recipe("polarization-fmnist")
+    if options.epochs:
+        recipe = recipe.replace(epochs=options.epochs)
+    res = train(model, train_set, test_set, recipe, out_dir=out / "baseline", seed=options.seed, resume=True,
+                device=options.device, progress=options.progress)
+    return res.model.eval(), {"checkpoint": str(out / "baseline"), "recipe": "polarization-fmnist",
+                              "epochs": recipe.epochs}
+
+
+def _torch_pruning(model: nn.Module, widths: dict[str, int], example: torch.Tensor) -> nn.Module:
+    """Torch-Pruning's MetaPruner, L2 magnitude, on exactly the layers of ``widths`` (a pruned copy)."""
+    import copy
+
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model)
+    targets = {name: m.get_submodule(name) for name in widths}
+    ignored = [mod for name, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))
+               and name not in targets]
+    ratios = {mod: 1.0 - widths[name] / mod.out_channels for name, mod in targets.items()}
+    pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=0.0,
+                                  pruning_ratio_dict=ratios, ignored_layers=ignored)
+    pruner.step()
+    return m
+
+
+def _row(method: str, ratio: float, model: nn.Module, base: dict[str, int], accuracy: float, seconds: float,
+         **extra: Any) -> dict[str, Any]:
+    params, macs = count_params(model), count_macs(model, input_shape=(1, 28, 28))
+    return {"method": method, "ratio": ratio, "removed": ratio, "params": params, "macs": macs,
+            "params_reduction": round(1 - params / base["params"], 4),
+            "macs_reduction": round(1 - macs / base["macs"], 4), "accuracy": round(accuracy, 2),
+            "method_seconds": round(seconds, 2), **extra}
+
+
+def _as_list(value: Any, default: list) -> list:
+    if value is None:
+        return list(default)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@register_study(TITLE)
+def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any], str]:
+    extra = dict(options.extra)
+    check_options(extra, SETTABLE)
+    ratios = [float(r) for r in _as_list(extra.get("ratios"), [0.3, 0.5, 0.7])]
+    methods = [str(m) for m in _as_list(extra.get("methods"), list(METHODS) + ["torch-pruning"])]
+    calibration = int(extra.get("calibration", 1000))
+    sweep = [int(n) for n in _as_list(extra.get("sweep"), [64, 256, 1000, 4000])]
+    finetune = int(extra.get("finetune", 3))
+    out = out_dir(options, TITLE)
+    out.mkdir(parents=True, exist_ok=True)
+    model, baseline = _baseline(options, out)
+    train_set = get_dataset("fashion-mnist", "train", root=options.data_root, augment=False, download=False)
+    test_set = get_dataset("fashion-mnist", "test", root=options.data_root, download=False)
+    if extra.get("test_size"):
+        test_set = torch.utils.data.Subset(test_set, range(int(extra["test_size"])))
+    loader = make_loader(test_set, 500, shuffle=False)
+    example = torch.zeros(1, 1, 28, 28)
+    base = {"params": count_params(model), "macs": count_macs(model, input_shape=(1, 28, 28))}
+    base_acc = evaluate(model, loader)["accuracy"]
+    stderr_log(f"baseline {base_acc:.2f} %")
+    rows: list[dict[str, Any]] = []
+
+    def run(label: str, ratio: float, n_cal: int) -> tuple[nn.Module, dict[str, Any]]:
+        method, criterion, mo = METHODS[label]
+        opts = PruneOptions(ratio=ratio, criterion=criterion, calibration_data=train_set,
+                            method_options={"preset": "resnet", "calibration": n_cal, **mo})
+        start = time.perf_counter()
+        result = get_method(method)(model, example, opts)
+        seconds = time.perf_counter() - start
+        row = _row(label, ratio, result.model, base, evaluate(result.model, loader)["accuracy"], seconds,
+                   calibration=n_cal if method in ("lstsq", "reconstruct") else 0)
+        stderr_log(f"{label} r={ratio}: {row['accuracy']:.2f} % at −{100 * row['macs_reduction']:.1f} % MACs "
+                   f"({seconds:.1f} s)")
+        return result.model, row
+
+    for ratio in ratios:
+        for label in methods:
+            if label != "torch-pruning":
+                rows.append(run(label, ratio, calibration)[1])
+        if "torch-pruning" in methods:
+            rows += _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetune, options, out)
+    sweep_rows = []
+    for n in sweep:
+        _, row = run("reconstruct-best", 0.5, n)
+        sweep_rows.append(row)
+    report = {"study": TITLE, "model": "resnet20", "dataset": "fashion-mnist", "baseline_accuracy": round(base_acc, 2),
+              "baseline": {**baseline, **base}, "calibration": calibration, "rows": rows, "sweep": sweep_rows,
+              "finetune_recipe": "polarization-fmnist-finetune"}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    plot = plot_study(report, out / "compensation-resnet20-fmnist.png")
+    if plot is not None:
+        report["plot"] = str(plot)
+    return report, study_table(report)
+
+
+def _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetune, options, out) -> list[dict]:
+    from prunekit.merging import get_preset
+
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        stderr_log("torch-pruning is not installed (pip install torch-pruning): its rows are skipped")
+        return []
+    widths = get_preset("resnet").widths(model, ratio)
+    start = time.perf_counter()
+    small = _torch_pruning(model.eval(), widths, torch.zeros(1, 1, 28, 28))
+    seconds = time.perf_counter() - start
+    rows = [_row("torch-pruning", ratio, small, base, evaluate(small, loader)["accuracy"], seconds,
+                 finetune_epochs=0)]
+    if finetune:
+        recipe = get_recipe("polarization-fmnist-finetune").replace(epochs=finetune)
+        res = train(small, get_dataset("fashion-mnist", "train", root=options.data_root, download=False), test_set,
+                    recipe, out_dir=out / f"torch-pruning-ft-r{ratio}", seed=options.seed, resume=True,
+                    device=options.device, progress=options.progress)
+        for h in res.history:
+            rows.append(_row("torch-pruning", ratio, res.model, base, h["accuracy"], seconds,
+                             finetune_epochs=h["epoch"] + 1))
+    for r in rows:
+        stderr_log(f"torch-pruning r={ratio} +{r['finetune_epochs']} ep: {r['accuracy']:.2f} %")
+    return rows
+
+
+def study_table(report: dict[str, Any]) -> str:
+    lines = [(f"ResNet-20 / Fashion-MNIST, baseline {report['baseline_accuracy']:.2f} %, no fine-tuning unless "
+             "stated; calibration: unlabeled training images"), "",
+             "| method | ratio | MACs removed | params removed | accuracy | method s | fine-tune epochs |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['method']} | {r['ratio']} | {100 * r['macs_reduction']:.1f} % | "
+                     f"{100 * r['params_reduction']:.1f} % | {fmt(r['accuracy'])} | {fmt(r['method_seconds'])} | "
+                     f"{r.get('finetune_epochs', 0)} |")
+    if report.get("sweep"):
+        lines += ["", "Calibration sweep (reconstruct-best, ratio 0.5):", "",
+                  "| calibration images | accuracy | method s |", "|---|---|---|"]
+        lines += [f"| {r['calibration']} | {fmt(r['accuracy'])} | {fmt(r['method_seconds'])} |" for r in report["sweep"]]
+    return "\n".join(lines)
+
+
+def plot_study(report: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy vs MACs removed, one line per method (no fine-tuning), Torch-Pruning + k epochs as points."""
+    fig = figure(figsize=(6.5, 4.2))
+    if fig is None:
+        return None
+    ax = fig.add_subplot(1, 1, 1)
+    methods = dict.fromkeys(r["method"] for r in report["rows"])
+    for m in methods:
+        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in report["rows"]
+                     if r["method"] == m and not r.get("finetune_epochs"))
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    for k in (1, 2, 3):
+        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in report["rows"]
+                     if r.get("finetune_epochs") == k)
+        if pts:
+            ax.plot(*zip(*pts), linestyle=":", marker="x", label=f"torch-pruning + {k} ep. fine-tune")
+    ax.axhline(report["baseline_accuracy"], color="gray", linewidth=0.8, label="baseline")
+    ax.set_xlabel("MACs removed (%)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("ResNet-20 / Fashion-MNIST: compensation without fine-tuning")
+    ax.legend(fontsize=7)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
