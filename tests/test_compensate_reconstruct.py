@@ -304,3 +304,26 @@ def test_residual_target_finds_the_skip_and_corrects_its_drift():
         e_plain = rel_error(apply(net, graph, plain)[:4](xt), ref)
         e_aware = rel_error(apply(net, graph, aware)[:4](xt), ref)
     assert e_aware < e_plain - 1e-3  # identical computations without the correction
+
+
+def test_batchnorm_re_estimation_matches_the_pruned_networks_statistics():
+    from prunekit.compensate.batchnorm import batchnorm_refits
+    from prunekit.runtime import capture
+
+    net = residual_net()
+    x = torch.randn(64, 2, 6, 6, generator=torch.Generator().manual_seed(13))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = make_plan(net, graph, ratio=0.0, overrides={"*.conv1": 0.5})
+    refits = batchnorm_refits(net, graph, plan, x, batch_size=64)
+    assert {r.module for r in refits} == {"2.bn1", "2.bn2", "3.bn1", "3.bn2"}
+    pruned = apply(net, graph, plan)
+    with torch.no_grad(), capture(pruned, ["2.bn1"]) as seen:  # the first BN: no re-estimated BN upstream
+        pruned(x)
+    h = seen["2.bn1"]  # (64, 4, 6, 6): the kept channels only
+    new = apply(net, graph, plan.with_refits(refits))
+    assert new[2].bn1.running_mean.shape == (4,)
+    assert torch.allclose(new[2].bn1.running_mean, h.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(new[2].bn1.running_var, h.var((0, 2, 3), unbiased=True), atol=1e-5)
+    assert not torch.allclose(new[3].bn1.running_mean, pruned[3].bn1.running_mean)
+    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=64, bn_recalibrate=True))
+    assert all(r["action"] == "refit" for r in reports)

@@ -41,6 +41,7 @@ from ..engine import ChannelGraph, Plan, Refit, apply
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
 from ..runtime import call, capture, eval_mode
+from .batchnorm import batchnorm_refits
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
 from .greedy import select_channels
@@ -65,6 +66,8 @@ class ReconstructOptions:
             against the consumers' outputs (:mod:`.greedy`).
         residual: for a consumer whose output (through at most one BatchNorm) is added to a skip branch,
             also correct the skip branch's drift (:mod:`.residual`).
+        bn_recalibrate: after the refits, re-estimate every BatchNorm's statistics on the calibration inputs
+            (:mod:`.batchnorm`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
             inputs drift: the kept producers, the following blocks, the classifier).
         seed: picks the calibration subset.
@@ -80,6 +83,7 @@ class ReconstructOptions:
     layers: str = "consumers"
     select: str = "criterion"
     residual: bool = False
+    bn_recalibrate: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -499,5 +503,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
                         "residual_target": correction is not None})
         bar.update(1)
     bar.close()
+    if options.bn_recalibrate:
+        plan = plan.with_refits(batchnorm_refits(model, graph, plan, inputs, options.batch_size))
     plan.meta.update(method="reconstruct", reconstruct=options.to_dict())
     return plan, reports

@@ -148,7 +148,7 @@ def _tensor_from_json(d: dict | None) -> torch.Tensor | None:
     return torch.tensor(d["values"], dtype=getattr(torch, d.get("dtype", "float32"))).reshape(d["shape"])
 
 
-_REFIT_TENSORS = ("weight", "bias", "offset")
+_REFIT_TENSORS = ("weight", "bias", "offset", "running_mean", "running_var")
 
 
 @dataclass(eq=False, kw_only=True)
@@ -165,6 +165,7 @@ class Refit:
         offset: (O,) a constant added to the module's output — into its bias, or, when ``norm`` is set,
             folded into that BatchNorm: ``running_mean −= offset`` (exact in eval mode).
         norm: name of the BatchNorm that alone reads this module's output (for ``offset``).
+        running_mean, running_var: (C,) new statistics of a BatchNorm ``module`` (re-estimation).
         provenance: how it was computed (errors, ridge, samples, ...).
     """
 
@@ -173,6 +174,8 @@ class Refit:
     bias: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     norm: str | None = None
+    running_mean: torch.Tensor | None = None
+    running_var: torch.Tensor | None = None
     provenance: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -183,8 +186,8 @@ class Refit:
                 if name != "weight":
                     v = v.reshape(-1)
                 setattr(self, name, v)
-        if self.weight is None and self.bias is None and self.offset is None:
-            raise PlanError(f"refit of '{self.module}' sets nothing (give weight, bias or offset)")
+        if all(getattr(self, n) is None for n in _REFIT_TENSORS):
+            raise PlanError(f"refit of '{self.module}' sets nothing (give weight, bias, offset or statistics)")
         if self.norm is not None and self.offset is None:
             raise PlanError(f"refit of '{self.module}' names norm '{self.norm}' but has no offset to fold")
 

@@ -148,6 +148,10 @@ class LayerRule:
         """Make ``module(x)`` equal what it gave for ``x + v`` (v per channel), e.g. BN: ``μ −= v``."""
         raise NotImplementedError(f"{type(self).__name__} cannot absorb an input offset")
 
+    def set_statistics(self, module: nn.Module, mean: torch.Tensor | None, var: torch.Tensor | None) -> None:
+        """Replace a norm's running statistics (re-estimated on calibration data)."""
+        raise NotImplementedError(f"{type(self).__name__} has no running statistics")
+
     def rows(self, module: nn.Module, include_bias: bool = False) -> torch.Tensor:
         """Producer rows, shape (out_channels, F): what l1/l2/GM criteria measure."""
         raise NotImplementedError(f"{type(self).__name__} has no producer rows")
@@ -432,6 +436,14 @@ class BatchNormRule(ChannelWiseRule):
         _check(v.numel() == m.running_mean.numel(), m,
                f"input offset has {v.numel()} values, the norm {m.running_mean.numel()} channels")
         _set_buffer(m, "running_mean", m.running_mean - v.reshape(-1).to(m.running_mean))
+
+    def set_statistics(self, m, mean, var):
+        _check(m.running_mean is not None, m, "re-estimated statistics need track_running_stats")
+        for name, value in (("running_mean", mean), ("running_var", var)):
+            if value is not None:
+                old = getattr(m, name)
+                _check(value.numel() == old.numel(), m, f"{name} has {value.numel()} values, the norm {old.numel()}")
+                _set_buffer(m, name, value.reshape(-1).to(old))
 
     def check_mergeable(self, ctx, name, module, chan):
         if not chan.raw:

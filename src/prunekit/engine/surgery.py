@@ -123,8 +123,8 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
 
 
 def _out_rows(graph: ChannelGraph, masks: list[np.ndarray], module: str, n: int) -> torch.Tensor:
-    """Indices of ``module``'s kept outputs (all ``n`` when its outputs are in no group)."""
-    member = graph.member(module, "out")
+    """Indices of ``module``'s kept outputs (a norm: its kept channels; all ``n`` when in no group)."""
+    member = graph.member(module, "out") or graph.member(module, "norm")
     keep = member_keep(member, masks) if member is not None else np.ones(n, dtype=bool)
     if len(keep) != n:
         raise PlanError(f"refit of '{module}' has {n} output rows, the graph records {len(keep)} outputs")
@@ -140,10 +140,11 @@ def _apply_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray],
     rule = find_rule(type(module))
     if rule is None:
         raise PlanError(f"refit of '{refit.module}' ({type(module).__name__}): no channel rule can write it")
-    tensors = [t for t in (refit.weight, refit.bias, refit.offset) if t is not None]
+    tensors = [t for t in (refit.weight, refit.bias, refit.offset, refit.running_mean, refit.running_var)
+               if t is not None]
     rows = _out_rows(graph, masks, refit.module, tensors[0].shape[0])
     if any(t.shape[0] != tensors[0].shape[0] for t in tensors):
-        raise PlanError(f"refit of '{refit.module}': weight, bias and offset disagree on the output count")
+        raise PlanError(f"refit of '{refit.module}': its tensors disagree on the output count")
     pick = (lambda t: None if t is None else t.index_select(0, rows))
     try:
         if refit.weight is not None or refit.bias is not None:
@@ -153,6 +154,8 @@ def _apply_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray],
             find_rule(type(norm)).absorb_input_offset(norm, pick(refit.offset))
         elif refit.offset is not None:
             rule.add_output_offset(module, pick(refit.offset))
+        if refit.running_mean is not None or refit.running_var is not None:
+            rule.set_statistics(module, pick(refit.running_mean), pick(refit.running_var))
     except (NotImplementedError, SurgeryError) as e:
         raise PlanError(f"refit of '{refit.module}' cannot be written: {e}") from e
 

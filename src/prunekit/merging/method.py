@@ -9,7 +9,7 @@ come in ``options.method_options`` (CLI: ``--lam``, ``--bn-scale``, ``--preset``
   ``model_type`` (``merge``|``prune``).
 * ``reconstruct``: ``calibration``, ``ridge`` (default: chosen on held-out data), ``intercept``, ``holdout``,
   ``select`` (``greedy``, default, or ``criterion``), ``residual`` (residual-aware targets), ``layers``
-  (``consumers`` or ``all``), ``calibration_seed``, ``batch_size``.
+  (``consumers`` or ``all``), ``bn_recalibrate``, ``calibration_seed``, ``batch_size``.
 * ``lstsq``: the same selection options plus ``calibration`` (N inputs), ``ridge``, ``init``
   (``prune``|``merge``), ``intercept``, ``calibration_seed``; ``criterion="greedy"`` picks the survivors
   from the calibration data (forward selection) instead of a weight criterion. The calibration inputs
@@ -31,7 +31,7 @@ from .core import MergeOptions, compensate, merge, select
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
 _RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers",
-                     "residual", "select"}
+                     "residual", "select", "bn_recalibrate"}
 
 
 def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
@@ -122,7 +122,8 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     mo = merge_options(options, lstsq=True).replace(model_type="prune")
     data = _calibration_data(options, "reconstruct")
     ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout",
-                                                     "layers", "residual") if extra.get(k) is not None},
+                                                     "layers", "residual", "bn_recalibrate")
+                               if extra.get(k) is not None},
                             select="greedy" if options.criterion == "greedy" else extra.get("select") or "greedy",
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
