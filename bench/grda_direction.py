@@ -1,4 +1,4 @@
-"""Directional-pruning diagnostics (spec/grda.md §3.5–3.7) on Fashion-MNIST LeNet-300-100.
+"""Directional-pruning diagnostics on Fashion-MNIST LeNet-300-100 (docs/grda.md, last section).
 
 Trains plain SGD and gRDA (c=0.005, μ=0.55, recipe `grda-lenet`, 30 epochs) from the same initial weights
 and the same minibatch order (seed 0) with the NormRatioLogger callback into runs/grda-direction/{sgd,grda}
@@ -155,9 +155,10 @@ def summarize(r: dict, args, analysis_min: float, total_min: float) -> str:
               + {"smaller": "The difference is less aligned with the sharp directions than chance.",
                  "indistinguishable": "In absolute terms the fraction is tiny (the difference lies almost entirely "
                  "outside the sharp directions), but no more so than for a random direction of that size; the "
-                 "paper's own shipped numbers are likewise not below chance (2–4× random, spec/grda.md §3.6).",
+                 "paper's own shipped numbers are likewise not below chance (2–4× random, docs/grda.md "
+                 "'What the paper reports').",
                  "larger": "In absolute terms the fraction is tiny, but it is larger than chance, as the paper's "
-                 "own shipped numbers also are (2–4× random, spec/grda.md §3.6)."}[verdict])
+                 "own shipped numbers also are (2–4× random, docs/grda.md 'What the paper reports')."}[verdict])
     rises = grda_rise > 1.05 and grda_rise > sgd_rise * 1.05
     claim3 = (f"**Claim 3 (‖w‖₂/‖w‖₁ rises for gRDA only): {'holds' if rises else 'does not hold'}** — from the "
               f"common start {init.get('sgd', float('nan')):.4g} it ends at {r['norm_ratio_final']['grda']:.4g} for "

@@ -1,6 +1,6 @@
 """gRDA on LeNet-300-100 / Fashion-MNIST: sparsity vs accuracy against plain SGD and magnitude pruning.
 
-The study itself is ``prunekit reproduce grda-lenet300-fmnist`` (:mod:`prunekit.grda_studies`); this
+The study itself is ``prunekit reproduce grda-lenet300-fmnist`` (:mod:`prunekit.studies.grda`); this
 script runs it on seed 0 (the μ × c grid plus extra ``--pairs``), adds plain SGD on more seeds, confirms
 the best ≥ 90 %-sparse settings on more seeds (same initial weights per seed for SGD and gRDA), and
 writes ``docs/grda_lenet.png`` and the ``grda-lenet`` section of BENCHMARKS.md. Every run is cached
