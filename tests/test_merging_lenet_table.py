@@ -42,7 +42,8 @@ def test_published_l1_table_cells(setup, ratio):
     merged = merge(model, (1, 1, 28, 28), opts)
     assert accuracy(pruned.model, test) == pytest.approx(prune_pub, abs=0.05)
     assert accuracy(merged.model, test) == pytest.approx(merge_pub, abs=0.05)
-    # spec §12: the official code merges 49 of 200 pruned neurons at r = 0.5 and 75 of 320 at 0.8
+    # the official code merges 49 of 200 pruned neurons at r = 0.5 and 75 of 320 at 0.8
+    # (docs/neuron-merging.md, Results)
     if ratio in (0.5, 0.8):
         assert (merged.report["merged"], merged.report["channels_removed"]) == {0.5: (49, 200), 0.8: (75, 320)}[ratio]
 

@@ -1,9 +1,9 @@
-"""The presets with ``bn_scale="paper"`` give the official algorithm's logits (spec §2–§6, §12).
+"""The presets with ``bn_scale="paper"`` give the official algorithm's logits (docs/neuron-merging.md).
 
-The reference below is an independent, deliberately literal re-statement of the official pipeline as the
-spec describes it (one pruned neuron at a time, candidates in numpy, the scaling matrix with columns in
-the criterion's index order, decisions on each layer's original weights, ``Z`` absorbed into the next
-layer, weights loaded into a narrow model). The library's vectorised presets must give the same logits.
+The reference below is an independent, deliberately literal re-statement of the official pipeline (one
+pruned neuron at a time, candidates in numpy, the scaling matrix with columns in the criterion's index
+order, decisions on each layer's original weights, ``Z`` absorbed into the next layer, weights loaded into
+a narrow model). The library's vectorised presets must give the same logits.
 """
 from __future__ import annotations
 
@@ -248,7 +248,7 @@ def test_vgg16_fixed_widths_and_params(classes, widths, params):
     res = merge(model, (1, 3, 32, 32), MergeOptions(preset=f"vgg16-cifar{classes}", bn_scale="paper"))
     convs = [m.out_channels for m in res.model.features if isinstance(m, nn.Conv2d)]
     assert convs == widths
-    assert sum(p.numel() for p in res.model.parameters()) == params  # spec §8.1
+    assert sum(p.numel() for p in res.model.parameters()) == params  # docs/neuron-merging.md, Presets
 
 
 @pytest.mark.parametrize("criterion", CRITERIA)
@@ -266,7 +266,7 @@ def test_preset_widths_follow_the_official_rounding():
     from prunekit.merging.presets import resnet_widths, wrn_widths
 
     r56 = create("resnet56", shortcut="B")
-    for r, want in [(0.1, (14, 28, 57)), (0.2, (12, 25, 51)), (0.7, (4, 9, 19))]:  # spec §8.2 (floor)
+    for r, want in [(0.1, (14, 28, 57)), (0.2, (12, 25, 51)), (0.7, (4, 9, 19))]:  # floor(c(1−r))
         w = resnet_widths(r56, r)
         assert (w["layer1.0.conv1"], w["layer2.0.conv1"], w["layer3.8.conv1"]) == want
     wrn = create("wrn-40-4")

@@ -1,4 +1,4 @@
-"""Model zoo: exact sizes from the NM / Polarization digests, forwards, fx tracing, cfg round trips."""
+"""Model zoo: exact sizes from the NM / Polarization docs, forwards, fx tracing, cfg round trips."""
 from __future__ import annotations
 
 import json
@@ -22,7 +22,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, shape) -> int:
-    """Conv: k_h·k_w·(C_in/groups)·C_out·H_out·W_out; Linear: in·out (Polarization §3.1)."""
+    """Conv: k_h·k_w·(C_in/groups)·C_out·H_out·W_out; Linear: in·out (docs/polarization.md, FLOPs)."""
     total = 0
 
     def hook(m, _inp, out):
@@ -54,7 +54,7 @@ def small(name: str, **cfg) -> nn.Module:
 
 @pytest.mark.parametrize("name,cfg,expected", [
     ("lenet-300-100", {}, 266_610),
-    ("lenet-300-100", {"widths": [150, 50]}, 125_810),  # NM §8.3, r = 0.5
+    ("lenet-300-100", {"widths": [150, 50]}, 125_810),  # Neuron Merging LeNet at r = 0.5
     ("lenet-5", {}, 61_706),
     ("vgg16", {}, 14_987_722),
     ("vgg16", {"num_classes": 100}, 15_033_892),
@@ -66,7 +66,7 @@ def small(name: str, **cfg) -> nn.Module:
     ("resnet20", {}, 269_722),
     ("resnet110", {}, 1_727_962),
     ("wrn-40-4", {}, 8_949_210),
-    ("wrn-40-4", {"internal_widths": [48] * 6 + [100] * 6 + [204] * 6}, 7_095_642),  # NM §8.2 r=0.2
+    ("wrn-40-4", {"internal_widths": [48] * 6 + [100] * 6 + [204] * 6}, 7_095_642),  # NM preset, r=0.2
     ("wrn", {"depth": 40, "widen_factor": 4}, 8_949_210),
     ("wrn-28-10", {}, 36_479_194),
     ("resnet50", {}, 25_557_032),

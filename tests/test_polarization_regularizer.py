@@ -127,7 +127,7 @@ def test_engine_preset_regularizes_prunable_channels_only():
 
 def test_paper_presets():
     r56 = models.create("resnet56")
-    assert select_factors(r56, "resnet-cifar").numel(r56) == 2016  # spec §1.1
+    assert select_factors(r56, "resnet-cifar").numel(r56) == 2016  # docs/polarization.md, "Which factors"
     vgg = models.create("vgg16")
     assert select_factors(vgg, "vgg16").numel(vgg) == 4736
     r50 = models.create("resnet50")
@@ -138,7 +138,7 @@ def test_paper_presets():
     with pytest.raises(ConfigError, match="add_gates"):
         select_factors(mb, "mobilenetv2-gates")
     add_gates(mb)
-    assert select_factors(mb, "mobilenetv2-gates").numel(mb) == 7104 + 1504  # spec §1.1: 8,608
+    assert select_factors(mb, "mobilenetv2-gates").numel(mb) == 7104 + 1504  # 8,608 (docs/polarization.md)
     assert PRESETS["mobilenetv2-gates"].bn_init == 1.0 and PRESETS["resnet-cifar"].bn_init == 0.5
     with pytest.raises(ConfigError, match="unknown factor preset"):
         select_factors(r56, "resnet-56")

@@ -47,7 +47,7 @@ def test_unimodal_without_zero_mass_prunes_nothing():
     rng = np.random.default_rng(1)
     g = np.clip(rng.normal(0.5, 0.08, 400), 0.05, 1)
     v = valley_threshold(g)
-    assert v.found and v.threshold == pytest.approx(0.01)  # spec §8: threshold 0.01
+    assert v.found and v.threshold == pytest.approx(0.01)  # fires at bin 1 (docs/polarization.md)
     assert (g > v.threshold).all()
 
 

@@ -19,8 +19,8 @@ pruned neurons merged into one kept neuron add up.
     ``S = s·k_n/k_m`` and ``B = β_n − S·β_m + k_n·(s·μ_m − μ_n)``. The scale is ``S`` and the mismatch
     ``|B|`` (the error the merge adds to neuron n's pre-activation). An exact positive duplicate
     (``B = 0``) is merged without changing the network output.
-  - ``bn_scale="paper"``: the official code's formulas verbatim (spec §4.1: running *variance* instead of
-    σ, BN ratio inverted): ``S = s·(γ_m/γ_n)·(v_n/v_m)`` and
+  - ``bn_scale="paper"``: the official code's formulas verbatim (``docs/neuron-merging.md``: running
+    *variance* instead of σ, BN ratio inverted): ``S = s·(γ_m/γ_n)·(v_n/v_m)`` and
     ``B = |(γ_m/v_m)·(s·(μ_n − v_n·β_n/γ_n) − μ_m) + β_m| / S``. Use it to reproduce the paper's numbers.
 
 A chosen candidate with a non-positive scale would break ``ReLU(S·z) = S·ReLU(z)``; it is never merged

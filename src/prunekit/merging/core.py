@@ -57,7 +57,7 @@ class MergeOptions:
         threshold: minimum cosine to merge; 0 disables it; None: the preset's, else 0.45 for layers
             without BatchNorm (Alg. 2) and 0.1 for conv/linear → BN (Alg. 3).
         lam: λ of MostSim+BN (None: the preset's, else 0.85).
-        bn_scale: ``exact`` (default) | ``paper`` (the official formulas, spec §4.1).
+        bn_scale: ``exact`` (default) | ``paper`` (the official formulas, docs/neuron-merging.md).
         negative: ``skip`` (default) | ``allow`` merges whose scale is not positive (always counted).
         scope, rounding, round_to, overrides, ignored, seed: general-mode selection (see
             :func:`prunekit.engine.prune`; presets fix the widths and refuse ``round_to``).

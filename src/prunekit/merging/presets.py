@@ -1,8 +1,8 @@
-"""The official Neuron Merging pipelines (spec §6, §8) as presets: which layers, how many survivors.
+"""The official Neuron Merging pipelines as presets: which layers, how many survivors.
 
 A preset maps ``(model, ratio)`` to ``{producer module name: survivors}`` and carries the official
-script's threshold and λ (spec §8.4). Everything else (criterion, M, surgery) is shared with the
-general mode.
+script's threshold and λ (``docs/neuron-merging.md``, "Presets"). Everything else (criterion, M,
+surgery) is shared with the general mode.
 
 ==================  ==========================================================  =====  ====
 preset              layers pruned (survivors)                                   t      λ

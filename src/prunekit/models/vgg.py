@@ -1,4 +1,4 @@
-"""CIFAR VGG-16, "network slimming" variant (Neuron Merging §10, Polarization §4.2).
+"""CIFAR VGG-16, the "network slimming" variant (Liu et al. 2017) that Neuron Merging and Polarization use.
 
 13 conv3×3 (pad 1, no bias) + BN + ReLU, MaxPool2d(2) after conv 2, 4, 7 and 10 (32→2), adaptive
 average pool to 1×1, then classifier Linear(C_last, fc_width) + BN1d + ReLU + Linear(fc_width, classes).

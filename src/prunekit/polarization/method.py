@@ -298,7 +298,7 @@ def _input_shape(example_inputs: Any) -> tuple[int, ...]:
 
 
 def macs_reduction(model: nn.Module, pruned: nn.Module, example_inputs: Any) -> float:
-    """``1 − MACs(pruned) / MACs(model)`` (conv + linear MACs, spec §3.1)."""
+    """``1 − MACs(pruned) / MACs(model)`` (docs/polarization.md, "How FLOPs are counted")."""
     from ..metrics import count_macs
 
     x = example_inputs if isinstance(example_inputs, torch.Tensor) else None
@@ -328,7 +328,7 @@ def ratio_for_macs(prune_at: Callable[[float], nn.Module], model: nn.Module, exa
 
 class FlopsMonitor:
     """Trainer callback: after every epoch, prune a copy with ``options`` and log what it would give
-    (the official per-epoch FLOPs monitor, "train until F is stable", spec §3).
+    (the official per-epoch FLOPs monitor, "train until F is stable"; docs/polarization.md, "Algorithm 1").
 
     Adds ``macs_reduction`` and ``channels_removed`` to the epoch record."""
 

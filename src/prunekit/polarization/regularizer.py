@@ -2,13 +2,13 @@
 
 Polarization adds ``λ·R(γ)`` to the batch-mean task loss, with
 
-    R(γ) = Σ_i t·|γ_i| − |γ_i − γ̄|,      γ̄ = (1/n) Σ_j γ_j        (spec/polarization.md §1.1)
+    R(γ) = Σ_i t·|γ_i| − |γ_i − γ̄|,      γ̄ = (1/n) Σ_j γ_j        (paper Eq. 1–2)
 
 summed (not averaged) over the n regularized scaling factors of the **whole network** (one global
 mean, gradient flowing through it), and clamps every factor to ``[0, a]`` after each optimizer step
-(§1.3). Autograd of ``|x|`` uses sign(0) = 0, so the subgradient applied to factor k is
+(paper §3.2). Autograd of ``|x|`` uses sign(0) = 0, so the subgradient applied to factor k is
 
-    ∂R/∂γ_k = t·s(γ_k) − s(γ_k − γ̄) + (1/n)·Σ_i s(γ_i − γ̄)         (s = sign, §1.2)
+    ∂R/∂γ_k = t·s(γ_k) − s(γ_k − γ̄) + (1/n)·Σ_i s(γ_i − γ̄)         (s = sign; docs/polarization.md)
 
 Network slimming (Liu et al. 2017) is ``λ·Σ|γ_i|`` on the same factors, without a clamp.
 
@@ -54,11 +54,11 @@ __all__ = [
 
 class GatedBatchNorm2d(nn.BatchNorm2d):
     """``BatchNorm2d`` followed by a per-channel gate: ``y = BN(x) · gate`` (the paper's MobileNetV2
-    "gate" mode, §1.4: the official code implements it as a bias-free depthwise 1×1 conv after BN).
+    "gate" mode, paper App. C: the official code implements it as a bias-free depthwise 1×1 conv after BN).
 
     The gate is the scaling factor the regularizer sees; it gets no weight decay in the paper (use
-    :func:`gate_param_groups`). :func:`fold_gates` folds it into γ and β exactly (§2.2 step 5) so that a
-    trained gated model becomes a plain zoo model again.
+    :func:`gate_param_groups`). :func:`fold_gates` folds it into γ and β exactly (as the official code
+    does when it prunes) so that a trained gated model becomes a plain zoo model again.
     """
 
     def __init__(self, num_features: int, gate_init: float = 1.0, **kw: Any):
@@ -100,7 +100,8 @@ def add_gates(model: nn.Module, modules: Iterable[str] | str = "mobilenetv2", ga
     """Replace the named ``BatchNorm2d`` modules of ``model`` **in place** by :class:`GatedBatchNorm2d`
     (same statistics and affine parameters, gates at ``gate_init``). This builds the architecture that
     is trained; it is not pruning. ``modules``: names / fnmatch patterns, or ``"mobilenetv2"`` (the BN
-    after every expansion conv and after every projection conv, §1.4). Returns the gated names."""
+    after every expansion conv and after every projection conv, as in the official MobileNetV2 run).
+    Returns the gated names."""
     names = _mobilenetv2_gate_sites(model) if modules == "mobilenetv2" else _match(model, modules, _BatchNorm)
     for n in names:
         bn = model.get_submodule(n)
@@ -340,7 +341,7 @@ def select_factors(model: nn.Module, preset: str = "engine", *, example_inputs: 
 @torch.no_grad()
 def init_bn_weights(model: nn.Module, value: float = 0.5, *, factors: FactorSet | None = None) -> int:
     """Set every affine BatchNorm weight of ``model`` (γ; β is untouched) to ``value``, as the paper does
-    for its BN-mode models ("γ = 0.5 as in Liu et al. 2017", §1.3), or with ``factors`` only those
+    for its BN-mode models ("γ = 0.5 as in Liu et al. 2017", paper §3.2), or with ``factors`` only those
     factors (e.g. gates). Returns the number of entries set."""
     n = 0
     if factors is not None:

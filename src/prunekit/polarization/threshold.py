@@ -1,4 +1,4 @@
-"""Threshold selection on polarized scaling factors (spec/polarization.md §2.1).
+"""Threshold selection on polarized scaling factors (paper §3.3; docs/polarization.md, "Threshold").
 
 The paper's rule, as the official code applies it **per layer**: histogram the layer's factors in
 ``bins`` = 100 equal bins on ``[0, 1]`` (values outside are ignored, exactly 1.0 falls in the last
