@@ -75,7 +75,7 @@ def test_conv_refit_is_exact_for_a_scaled_copy_and_a_constant_channel(bias):
     x = torch.randn(200, 2, 6, 6, generator=torch.Generator().manual_seed(2))
     graph = ChannelGraph.build(net, x[:1])
     plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2, 3], size=6)])
-    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=200, ridge=1e-8))
+    fitted, (rep, *_) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=200, ridge=1e-8))
     refit = fitted.refit("2")
     assert (refit.bias is not None) == bias and (refit.norm == "3") == (not bias)
     assert rep["intercept"] and rep["rel_error"] < 0.1 * rep["rel_error_pruned"]
@@ -146,7 +146,7 @@ def test_token_ids_and_dict_inputs_pass_through_untouched(as_dict):
     plan = make_plan(model, graph, ratio=0.0, overrides={"up": 0.5})  # MLP neurons only
     assert len(plan.group(graph.group("up").id).keep) == 8
     fitted, reports = reconstruct_plan(model, graph, plan, data, ReconstructOptions(calibration=64))
-    assert [r["module"] for r in reports] == ["down"] and reports[0]["rows"] == 64 * 10
+    assert [r["module"] for r in reports] == ["down", "head"] and reports[0]["rows"] == 64 * 10
     call = (lambda m: m(**data)) if as_dict else (lambda m: m(ids))
     with torch.no_grad():
         assert rel_error(call(apply(model, graph, fitted)), call(model)) < rel_error(
@@ -158,7 +158,7 @@ def test_fewer_samples_than_unknowns_is_solved_by_the_ridge_and_reported():
     x = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(6))  # 3·4 rows < 4·9+1 unknowns
     graph = ChannelGraph.build(net, x[:1])
     plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2, 3], size=6)])
-    _, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=3))
+    _, (rep, *_) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=3))
     assert rep["underdetermined"] and rep["rows"] == 12 and rep["unknowns"] == 37
 
 
@@ -258,7 +258,7 @@ def test_layers_all_also_refits_the_layers_after_the_first_pruned_consumer():
     plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2], size=6)])
     _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80, layers="all"))
     assert [r["module"] for r in reports] == ["2", "7"]  # the consumer, then the classifier
-    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80))
+    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=80, layers="consumers"))
     assert [r["module"] for r in reports] == ["2"]
 
 
@@ -294,8 +294,9 @@ def test_residual_target_finds_the_skip_and_corrects_its_drift():
     x = torch.randn(300, 2, 6, 6, generator=torch.Generator().manual_seed(11))
     graph = ChannelGraph.build(net, x[:1])
     plan = make_plan(net, graph, ratio=0.0, overrides={"*.conv1": 0.75})
-    plain, _ = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300))
-    aware, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300, residual=True))
+    plain, _ = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300, residual=False,
+                                                                        layers="consumers"))
+    aware, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=300, layers="consumers"))
     by_module = {r["module"]: r for r in reports}
     assert by_module["3.conv2"]["residual_target"] and by_module["2.conv2"]["residual_target"]
     xt = torch.randn(200, 2, 6, 6, generator=torch.Generator().manual_seed(12))
@@ -327,3 +328,20 @@ def test_batchnorm_re_estimation_matches_the_pruned_networks_statistics():
     assert not torch.allclose(new[3].bn1.running_mean, pruned[3].bn1.running_mean)
     _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=64, bn_recalibrate=True))
     assert all(r["action"] == "refit" for r in reports)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0),
+                                                                           dilation=(1, 2)),
+                                  nn.Conv1d(3, 4, 5, stride=2, padding=2)])
+def test_sampled_patches_are_the_unfolded_rows_at_those_positions(conv):
+    from prunekit.compensate.reconstruct import _outputs, _patches
+
+    x = torch.randn(2, 3, 9, 8) if isinstance(conv, nn.Conv2d) else torch.randn(2, 3, 11)
+    y = conv(x).detach()
+    n_pos = y[0, 0].numel()
+    pos = torch.tensor([0, 3, n_pos - 1])
+    full_u, full_y = _patches(conv, x), _outputs(conv, y)
+    rows = (torch.arange(2)[:, None] * n_pos + pos[None, :]).reshape(-1)
+    assert torch.equal(_patches(conv, x, pos), full_u[rows]) and torch.equal(_outputs(conv, y, pos), full_y[rows])
+    w = conv.weight.detach().reshape(4, -1)
+    assert torch.allclose(full_u @ w.t() + conv.bias.detach(), full_y, atol=1e-5)  # rows really are the conv

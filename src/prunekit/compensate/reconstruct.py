@@ -28,6 +28,7 @@ writes. No labels, no gradients.
 from __future__ import annotations
 
 import sys
+import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -66,6 +67,9 @@ class ReconstructOptions:
             against the consumers' outputs (:mod:`.greedy`).
         residual: for a consumer whose output (through at most one BatchNorm) is added to a skip branch,
             also correct the skip branch's drift (:mod:`.residual`).
+        positions: at most this many output positions per input of a convolution enter the statistics (a
+            seeded random subset, the same for every batch; None: all) — the rows are many more than the
+            unknowns anyway, and the statistics cost is linear in them.
         bn_recalibrate: after the refits, re-estimate every BatchNorm's statistics on the calibration inputs
             (:mod:`.batchnorm`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
@@ -80,10 +84,11 @@ class ReconstructOptions:
     intercept: bool = True
     batch_size: int = 100
     max_gram_bytes: int = 2 << 30
-    layers: str = "consumers"
+    layers: str = "all"
     select: str = "criterion"
-    residual: bool = False
+    residual: bool = True
     bn_recalibrate: bool = False
+    positions: int | None = 256
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -100,6 +105,8 @@ class ReconstructOptions:
             raise ConfigError(f"ridge_grid must be positive numbers, got {self.ridge_grid!r}")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout must be a fraction in (0, 1), got {self.holdout!r}")
+        if self.positions is not None and (not isinstance(self.positions, int) or self.positions < 1):
+            raise ConfigError(f"positions must be a positive integer or None, got {self.positions!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"batch_size must be a positive integer, got {self.batch_size!r}")
 
@@ -131,27 +138,51 @@ def supported(module: nn.Module) -> str | None:
     return f"{type(module).__name__} is not refit (Linear and Conv1d/2d are)"
 
 
-def _patches(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
+    """(kernel, dilation, padding, stride) of a Conv1d/2d as 2-d tuples (Conv1d: height 1)."""
+    if isinstance(module, nn.Conv1d):
+        return ((1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride))
+    if isinstance(module.padding, str):
+        raise ConfigError(f"padding={module.padding!r} is not supported by the reconstruction (give explicit "
+                          "padding)")
+    return module.kernel_size, module.dilation, module.padding, module.stride
+
+
+def _patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The consumer's input as regression rows: Linear (rows, I); conv (rows, I·k) patches, where rows run
-    over samples and output positions and columns are ordered as the weight's ``(I, *kernel)``."""
+    over samples and output positions (all, or the flat output indices ``positions``) and columns are
+    ordered as the weight's ``(I, *kernel)``."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv1d):
-        x = x.unsqueeze(2)
-        k, d, p, s = (1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride)
-    else:
-        k, d, p, s = module.kernel_size, module.dilation, module.padding, module.stride
-    if isinstance(p, str):
-        raise ConfigError(f"padding={p!r} is not supported by the reconstruction (give explicit padding)")
-    u = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, I·k, L)
-    return u.transpose(1, 2).reshape(-1, u.shape[1])
+    x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+    k, d, p, s = _conv_geometry(module)
+    if positions is None:
+        u = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, I·k, L)
+        return u.transpose(1, 2).reshape(-1, u.shape[1])
+    xp = F.pad(x, (p[1], p[1], p[0], p[0]))
+    w_out = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
+    oy, ox = positions // w_out, positions % w_out
+    iy = oy[:, None] * s[0] + torch.arange(k[0]) * d[0]  # (P, kh): rows read by each sampled output
+    ix = ox[:, None] * s[1] + torch.arange(k[1]) * d[1]
+    patches = xp[:, :, iy[:, :, None], ix[:, None, :]]  # (B, I, P, kh, kw)
+    return patches.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * k[0] * k[1])
 
 
-def _outputs(module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+def _outputs(module: nn.Module, y: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """The consumer's output as rows (rows, O), in the same row order as :func:`_patches`."""
     if isinstance(module, nn.Linear):
         return y.reshape(-1, y.shape[-1])
-    return y.reshape(y.shape[0], y.shape[1], -1).transpose(1, 2).reshape(-1, y.shape[1])
+    y = y.reshape(y.shape[0], y.shape[1], -1)
+    y = y if positions is None else y[:, :, positions]
+    return y.transpose(1, 2).reshape(-1, y.shape[1])
+
+
+def _sample_positions(module: nn.Module, y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor | None:
+    """At most ``limit`` of a conv's output positions (a seeded subset, the same for every batch)."""
+    n = int(np.prod(y.shape[2:])) if not isinstance(module, nn.Linear) else 0
+    if limit is None or n <= limit:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
 
 
 @dataclass
@@ -257,7 +288,8 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
 
 
 def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, batch_size: int,
-                n_train: int, correction: Any = None) -> tuple[list[_Normal], list[_Normal]]:
+                n_train: int, correction: Any = None, positions: int | None = None, seed: int = 0
+                ) -> tuple[list[_Normal], list[_Normal]]:
     """(train, held-out) normal equations per conv group of consumer ``c``; ``correction(batch)`` (optional)
     is added to the original output (the residual-aware target)."""
     blocks = c.blocks()
@@ -276,6 +308,8 @@ def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs
         _check_finite(x, c.name, "inputs")
         _check_finite(y, c.name, "outputs")
         n = x.shape[0]
+        if seen == 0:
+            sampled = _sample_positions(c.module, y, positions, seed + zlib.crc32(c.name.encode()))
         cut = min(max(n_train - seen, 0), n)  # rows of this batch that belong to the training part
         for stats_list, part in ((train, slice(0, cut)), (val, slice(cut, n))):
             if part.stop <= part.start:
@@ -284,8 +318,8 @@ def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs
                 dim = -1 if isinstance(c.module, nn.Linear) else 1
                 xs = x[part].index_select(dim, in_new.to(x.device))
                 ys = y[part].index_select(dim, out_rows.to(y.device))
-                yrows = _outputs(c.module, ys)
-                u = _patches(c.module, xs) if xs.shape[dim] else yrows.new_zeros(yrows.shape[0], 0)
+                yrows = _outputs(c.module, ys, sampled)
+                u = _patches(c.module, xs, sampled) if xs.shape[dim] else yrows.new_zeros(yrows.shape[0], 0)
                 stats.add(u, yrows)
         seen += n
     return train, val
@@ -411,20 +445,29 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, inputs: Any,
-                   options: ReconstructOptions, intercept: bool) -> list[int]:
+                   options: ReconstructOptions, intercept: bool, n_train: int, corrections: dict[str, Any]
+                   ) -> tuple[list[int], dict[str, tuple[_Normal, _Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
-    from the network in which every earlier decision is applied and ``gid`` is whole."""
+    from the network in which every earlier decision is applied and ``gid`` is whole.
+
+    Returns the survivors and, per consumer, its (train, held-out) statistics over *all* the group's
+    channels: pruning ``gid`` does not change the kept channels' values, so the refits reuse them."""
     g = graph.groups[gid]
     whole = Plan(groups=[gp for gp in plan.groups if gp.group_id != gid], refits=list(plan.refits))
     compressed = apply(model, graph, whole, verify=False)
-    stats = []
+    stats, cache = [], {}
     for m in g.members:
         if m.role != "in":
             continue
         c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
         _check_gram_size(c, options)
+        correction = corrections.get(m.module)
         with eval_mode(model, compressed):
-            (full,), _ = _statistics(model, compressed, c, inputs, options.batch_size, 1 << 62)
+            (train,), (val,) = _statistics(model, compressed, c, inputs, options.batch_size, n_train,
+                                           correction and correction(compressed), options.positions, options.seed)
+        cache[m.module] = (train, val)
+        full = _Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
+                       train.rows + val.rows)
         k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
         index_of = np.argsort(m.channel)  # input index of each group channel
         blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
@@ -432,19 +475,28 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
         if kept is not None:  # only the outputs that survive matter
             full = full.outputs(torch.from_numpy(kept))
         stats.append((full.gram, full.cross, blocks))
-    return select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept)
+    keep = select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept)
+    return keep, cache
 
 
-def _skip_correction(skip: Skip | None, fx_graph: Any, model: nn.Module, compressed: nn.Module) -> Any:
-    """``batch ↦`` the skip branch's drift in the consumer's output space, or None (no skip, or the skip's
-    channels differ between the networks: the residual stream itself is pruned)."""
+def _restrict(stats: _Normal, inputs: np.ndarray, k: int) -> _Normal:
+    """``stats`` of a consumer over all its inputs, reduced to the inputs ``inputs`` (bool; k columns each)."""
+    cols = (np.nonzero(inputs)[0][:, None] * k + np.arange(k)[None, :]).reshape(-1)
+    idx = torch.as_tensor(np.append(cols, stats.gram.shape[0] - 1), dtype=torch.long)
+    return _Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
+
+
+def _skip_correction(skip: Skip | None, fx_graph: Any, model: nn.Module) -> Any:
+    """``compressed ↦ (batch ↦`` the skip branch's drift in the consumer's output space``)``, or None (no
+    skip; a skip whose channels differ between the networks — the residual stream itself is pruned — gets a
+    zero correction)."""
     if skip is None:
         return None
 
-    def correction(xb: Any) -> torch.Tensor | None:
-        return skip_correction(skip, model, fx_graph, model, compressed, xb)
+    def for_network(compressed: nn.Module) -> Any:
+        return lambda xb: skip_correction(skip, model, fx_graph, model, compressed, xb)
 
-    return correction
+    return for_network
 
 
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
@@ -470,6 +522,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
     skips, fx_graph = find_skips(model) if options.residual else ({}, None)
+    corrections = {name: _skip_correction(skip, fx_graph, model) for name, skip in skips.items()}
+    n_train, cached = _n_train(options, n_total), {}
     plan = Plan(groups=list(plan.groups), meta=dict(plan.meta), refits=list(plan.refits))
     selected: set[int] = set()
     bar = tqdm(total=len(todo), desc="reconstruct", leave=False, disable=not progress, file=sys.stderr)
@@ -479,17 +533,21 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         intercept = options.intercept and (module.bias is not None or norm is not None)
         gid = _greedy_group(model, graph, name, plan) if options.select == "greedy" else None
         if gid is not None and gid not in selected:
-            keep = _select_greedy(model, graph, plan, gid, inputs, options, intercept)
+            keep, cached = _select_greedy(model, graph, plan, gid, inputs, options, intercept, n_train, corrections)
             plan.groups = [gp.replace(keep=keep, criterion="greedy") if gp.group_id == gid else gp
                            for gp in plan.groups]
             selected.add(gid)
         c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
         _check_gram_size(c, options)
-        compressed = apply(model, graph, plan, verify=False)
-        correction = _skip_correction(skips.get(name), fx_graph, model, compressed)
-        with eval_mode(model, compressed):
-            train, val = _statistics(model, compressed, c, inputs, options.batch_size, _n_train(options, n_total),
-                                     correction)
+        if name in cached:  # gathered by the greedy selection, over all the group's channels
+            k = int(np.prod(module.weight.shape[2:], dtype=np.int64))
+            train, val = ([_restrict(s, c.keep, k)] for s in cached.pop(name))
+        else:
+            compressed = apply(model, graph, plan, verify=False)
+            correction = corrections.get(name)
+            with eval_mode(model, compressed):
+                train, val = _statistics(model, compressed, c, inputs, options.batch_size, n_train,
+                                         correction and correction(compressed), options.positions, options.seed)
         weight, bias, rep = _fit(c, train, val, options, intercept, _kept_outputs(graph, plan, name))
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)
@@ -500,7 +558,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         refit.provenance = {k: v for k, v in rep.items() if k != "module"}
         plan = plan.with_refits([refit])
         reports.append({**rep, "action": "refit", "norm": norm, "selected": "greedy" if gid is not None else None,
-                        "residual_target": correction is not None})
+                        "residual_target": name in corrections})
         bar.update(1)
     bar.close()
     if options.bn_recalibrate:

@@ -86,8 +86,10 @@ def node_values(model: nn.Module, graph: fx.Graph, names: set[str], inputs: Any)
     gm = fx.GraphModule(model, graph)
     rec = _Recorder(gm, names)
     args, kwargs = as_inputs(inputs)
+    holders = [n for n in graph.nodes if n.op == "placeholder"][len(args):]
+    args = [*args, *(kwargs[p.target] if p.target in kwargs else (p.args[0] if p.args else None) for p in holders)]
     try:
-        rec.run(*args, **kwargs)
+        rec.run(*args)
     except StopForward:
         pass
     return rec.values

@@ -10,7 +10,7 @@ training images for the data-light ones:
 * ``lstsq`` / ``lstsq-greedy`` — one channel-mixing matrix per group fitted on the calibration images;
 * ``reconstruct`` — every consumer's whole weight refit to its original output (ridge on held-out data,
   intercept into the following BN); ``reconstruct-greedy`` also picks the survivors against that
-  objective; ``reconstruct-best`` adds residual-aware targets and refits every later layer (kept producers,
+  objective (``-bn``: then re-estimates the BatchNorm statistics); ``reconstruct-best`` adds residual-aware targets and refits every later layer (kept producers,
   classifier);
 * ``torch-pruning`` — Torch-Pruning's magnitude pruning (L2) of the same layers to the same widths, then 0,
   1, 2 and 3 epochs of fine-tuning (``polarization-fmnist-finetune``, cosine over 3 epochs, all 60,000
@@ -52,6 +52,7 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "lstsq-greedy": ("lstsq", "greedy", {}),
     "reconstruct": ("reconstruct", "l1-norm", {"select": "criterion"}),
     "reconstruct-greedy": ("reconstruct", "l1-norm", {"select": "greedy"}),
+    "reconstruct-greedy-bn": ("reconstruct", "l1-norm", {"select": "greedy", "bn_recalibrate": True}),
     "reconstruct-best": ("reconstruct", "greedy", {"residual": True, "layers": "all"}),
 }
 SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "test_size")
