@@ -13,6 +13,7 @@ from typing import Any
 
 from torch import nn
 
+from .errors import ConfigError
 from .registry import Registry
 
 
@@ -73,6 +74,11 @@ def list_methods() -> list[str]:
 def structured_prune(model: nn.Module, example_inputs: Any, options: PruneOptions) -> MethodResult:
     """Plain structured pruning: keep the best channels of every group by ``options.criterion``."""
     from .engine import prune
+
+    if options.method_options or options.threshold is not None:
+        unknown = sorted(options.method_options) + (["threshold"] if options.threshold is not None else [])
+        raise ConfigError(f"method 'prune' takes no method options, got {unknown}; for a preset's layers "
+                          "without compensation use --method merge --method-option model_type=prune")
 
     pruned = prune(model, example_inputs, **options.engine_kwargs())
     plan = pruned.prunekit_plan

@@ -8,19 +8,20 @@ training images for the data-light ones:
 * ``prune`` — the criterion's survivors, nothing compensated;
 * ``merge`` — Neuron Merging (MostSim+BN, data-free);
 * ``lstsq`` / ``lstsq-greedy`` — one channel-mixing matrix per group fitted on the calibration images;
-* ``reconstruct`` — every consumer's whole weight refit to its original output (ridge on held-out data,
-  intercept into the following BN); ``reconstruct-greedy`` also picks the survivors against that
-  objective (``-bn``: then re-estimates the BatchNorm statistics); ``reconstruct-best`` adds residual-aware targets and refits every later layer (kept producers,
-  classifier);
+* ``reconstruct-plain`` — every consumer's whole weight refit to its original output (ridge chosen on held-out
+  calibration images, intercept into the following BN), the criterion's survivors; at ratio 0.5 one option
+  at a time on top: ``+greedy`` (survivors chosen against that objective), ``+residual`` (skip-branch drift
+  in the targets); ``reconstruct`` = the method's defaults (those two, and every later layer refit:
+  kept producers, classifier); ``reconstruct+bn`` then re-estimates the BatchNorm statistics;
 * ``torch-pruning`` — Torch-Pruning's magnitude pruning (L2) of the same layers to the same widths, then 0,
-  1, 2 and 3 epochs of fine-tuning (``polarization-fmnist-finetune``, cosine over 3 epochs, all 60,000
-  labelled images): how many epochs of training compensation saves. Skipped with a note when
+  1, 2 and 3 epochs of fine-tuning at ratio 0.5 (``polarization-fmnist-finetune``, cosine over 3 epochs,
+  all 60,000 labelled images): how many epochs of training compensation saves. Skipped with a note when
   ``torch-pruning`` is not installed.
 
-Plus a calibration-size sweep of ``reconstruct-best`` at ratio 0.5 (accuracy and wall time).
+Plus a calibration-size sweep of ``reconstruct`` at ratio 0.5 (accuracy and wall time).
 
 Study options (``--set KEY=VALUE``): ``ratios``, ``methods``, ``calibration``, ``sweep`` (list of sizes, ``[]``
-to skip), ``finetune`` (epochs, 0 to skip), ``test_size``.
+to skip), ``finetune`` (epochs, 0 to skip), ``finetune_ratios``, ``test_size``.
 """
 from __future__ import annotations
 
@@ -44,18 +45,21 @@ from prunekit.train import seed_everything, train
 from .common import check_options, figure, fmt, out_dir, stderr_log
 
 TITLE = "compensation-resnet20-fmnist"
-#: label -> (method, criterion, method options)
+#: label -> (method, criterion, method options); the ``+`` rows switch on one reconstruct option at a time
 METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "prune": ("prune", "l1-norm", {}),
+    "prune": ("merge", "l1-norm", {"model_type": "prune"}),  # the preset's survivors, nothing compensated
     "merge": ("merge", "l1-norm", {}),
     "lstsq": ("lstsq", "l1-norm", {}),
     "lstsq-greedy": ("lstsq", "greedy", {}),
-    "reconstruct": ("reconstruct", "l1-norm", {"select": "criterion"}),
-    "reconstruct-greedy": ("reconstruct", "l1-norm", {"select": "greedy"}),
-    "reconstruct-greedy-bn": ("reconstruct", "l1-norm", {"select": "greedy", "bn_recalibrate": True}),
-    "reconstruct-best": ("reconstruct", "greedy", {"residual": True, "layers": "all"}),
+    "reconstruct-plain": ("reconstruct", "l1-norm", {"select": "criterion", "residual": False, "layers": "consumers"}),
+    "+greedy": ("reconstruct", "l1-norm", {"select": "greedy", "residual": False, "layers": "consumers"}),
+    "+residual": ("reconstruct", "l1-norm", {"select": "greedy", "residual": True, "layers": "consumers"}),
+    "reconstruct": ("reconstruct", "l1-norm", {}),  # the defaults: greedy + residual + every drifted layer
+    "reconstruct+bn": ("reconstruct", "l1-norm", {"bn_recalibrate": True}),
 }
-SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "test_size")
+#: the ablation rows run at ratio 0.5 only
+ABLATION = ("+greedy", "+residual", "reconstruct+bn")
+SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "finetune_ratios", "test_size")
 
 
 def _baseline(options: StudyOptions, out: Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -119,6 +123,7 @@ def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any],
     calibration = int(extra.get("calibration", 1000))
     sweep = [int(n) for n in _as_list(extra.get("sweep"), [64, 256, 1000, 4000])]
     finetune = int(extra.get("finetune", 3))
+    finetune_ratios = [float(r) for r in _as_list(extra.get("finetune_ratios"), [0.5])]
     out = out_dir(options, TITLE)
     out.mkdir(parents=True, exist_ok=True)
     model, baseline = _baseline(options, out)
@@ -148,13 +153,14 @@ def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any],
 
     for ratio in ratios:
         for label in methods:
-            if label != "torch-pruning":
+            if label != "torch-pruning" and (label not in ABLATION or ratio == 0.5):
                 rows.append(run(label, ratio, calibration)[1])
         if "torch-pruning" in methods:
-            rows += _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetune, options, out)
+            rows += _torch_pruning_rows(model, ratio, base, loader, train_set, test_set,
+                                        finetune if ratio in finetune_ratios else 0, options, out)
     sweep_rows = []
     for n in sweep:
-        _, row = run("reconstruct-best", 0.5, n)
+        _, row = run("reconstruct", 0.5, n)
         sweep_rows.append(row)
     report = {"study": TITLE, "model": "resnet20", "dataset": "fashion-mnist", "baseline_accuracy": round(base_acc, 2),
               "baseline": {**baseline, **base}, "calibration": calibration, "rows": rows, "sweep": sweep_rows,
@@ -203,7 +209,7 @@ def study_table(report: dict[str, Any]) -> str:
                      f"{100 * r['params_reduction']:.1f} % | {fmt(r['accuracy'])} | {fmt(r['method_seconds'])} | "
                      f"{r.get('finetune_epochs', 0)} |")
     if report.get("sweep"):
-        lines += ["", "Calibration sweep (reconstruct-best, ratio 0.5):", "",
+        lines += ["", "Calibration sweep (reconstruct, ratio 0.5):", "",
                   "| calibration images | accuracy | method s |", "|---|---|---|"]
         lines += [f"| {r['calibration']} | {fmt(r['accuracy'])} | {fmt(r['method_seconds'])} |" for r in report["sweep"]]
     return "\n".join(lines)
