@@ -28,7 +28,6 @@ writes. No labels, no gradients.
 from __future__ import annotations
 
 import sys
-import zlib
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -41,12 +40,13 @@ from tqdm.auto import tqdm
 from ..engine import ChannelGraph, Plan, Refit, apply
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
-from ..runtime import call, capture, eval_mode
+from ..runtime import eval_mode
 from .batchnorm import batchnorm_refits
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
 from .greedy import select_channels
-from .residual import Skip, find_skips, skip_correction
+from .residual import Skip, find_skips, output_scale
+from .targets import Targets, compressed_values, output_rows
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
@@ -70,6 +70,8 @@ class ReconstructOptions:
         positions: at most this many output positions per input of a convolution enter the statistics (a
             seeded random subset, the same for every batch; None: all) — the rows are many more than the
             unknowns anyway, and the statistics cost is linear in them.
+        max_cache_bytes: the original network's target rows of every layer are gathered in one pass and kept
+            when they fit in this many bytes; otherwise recomputed per layer (one original pass each).
         bn_recalibrate: after the refits, re-estimate every BatchNorm's statistics on the calibration inputs
             (:mod:`.batchnorm`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
@@ -89,6 +91,7 @@ class ReconstructOptions:
     residual: bool = True
     bn_recalibrate: bool = False
     positions: int | None = 256
+    max_cache_bytes: int = 1 << 30
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -168,23 +171,6 @@ def _patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None 
     return patches.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * k[0] * k[1])
 
 
-def _outputs(module: nn.Module, y: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The consumer's output as rows (rows, O), in the same row order as :func:`_patches`."""
-    if isinstance(module, nn.Linear):
-        return y.reshape(-1, y.shape[-1])
-    y = y.reshape(y.shape[0], y.shape[1], -1)
-    y = y if positions is None else y[:, :, positions]
-    return y.transpose(1, 2).reshape(-1, y.shape[1])
-
-
-def _sample_positions(module: nn.Module, y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor | None:
-    """At most ``limit`` of a conv's output positions (a seeded subset, the same for every batch)."""
-    n = int(np.prod(y.shape[2:])) if not isinstance(module, nn.Linear) else 0
-    if limit is None or n <= limit:
-        return None
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
-
-
 @dataclass
 class _Normal:
     """Normal equations of one conv group / linear layer: ``gram = [U|1]ᵀ[U|1]``, ``cross = [U|1]ᵀY``,
@@ -201,11 +187,14 @@ class _Normal:
                    torch.zeros(o, dtype=torch.float64))
 
     def add(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        u = torch.cat([u.double(), torch.ones(u.shape[0], 1, dtype=torch.float64, device=u.device)], 1)
-        y = y.double()
-        self.gram += (u.t() @ u).cpu()
-        self.cross += (u.t() @ y).cpu()
-        self.energy += (y * y).sum(0).cpu()
+        """Accumulate one batch of rows. Large batches (over 2²⁰ entries) are multiplied in float32 and
+        accumulated in float64 (about 1e-6 relative per batch, far below the ridge); small ones in float64."""
+        dtype = torch.float32 if u.numel() > 1 << 20 else torch.float64
+        u = torch.cat([u.to(dtype), torch.ones(u.shape[0], 1, dtype=dtype, device=u.device)], 1)
+        y = y.to(dtype)
+        self.gram += (u.t() @ u).cpu().double()
+        self.cross += (u.t() @ y).cpu().double()
+        self.energy += (y.double() * y.double()).sum(0).cpu()
         self.rows += u.shape[0]
 
     def absorb(self, other: _Normal) -> _Normal:
@@ -287,40 +276,39 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
                           "model's weights)")
 
 
-def _statistics(original: nn.Module, compressed: nn.Module, c: _Consumer, inputs: Any, batch_size: int,
-                n_train: int, correction: Any = None, positions: int | None = None, seed: int = 0
-                ) -> tuple[list[_Normal], list[_Normal]]:
-    """(train, held-out) normal equations per conv group of consumer ``c``; ``correction(batch)`` (optional)
-    is added to the original output (the residual-aware target)."""
+def _statistics(targets: Targets, compressed: nn.Module, c: _Consumer, n_train: int, skip: Skip | None = None,
+                fx_graph: Any = None) -> tuple[list[_Normal], list[_Normal]]:
+    """(train, held-out) normal equations per conv group of consumer ``c``: its input in ``compressed`` against
+    its original output (:class:`~prunekit.compensate.targets.Targets`), plus, with a ``skip``, the skip
+    branch's drift mapped into its output space (:mod:`.residual`)."""
     blocks = c.blocks()
     sizes = [len(b[0]) * int(np.prod(c.module.weight.shape[2:], dtype=np.int64)) for b in blocks]
     train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
     val = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
+    scale = output_scale(skip, targets.model) if skip is not None else None
+    dim = -1 if isinstance(c.module, nn.Linear) else 1
     seen = 0
-    for xb in batches(inputs, batch_size):
-        with capture(original, [c.name], what="output", stop=True) as y:
-            call(original, xb)
-        with capture(compressed, [c.name], stop=True) as x:
-            call(compressed, xb)
-        y, x = y[c.name], x[c.name]
-        if correction is not None:
-            y = y + correction(xb)
+    for b, xb in enumerate(batches(targets.inputs, targets.batch_size)):
+        y, s_o = targets.batch(c.name, b, xb)
+        x, s_c = compressed_values(compressed, c.name, skip, fx_graph, xb)
+        pos = targets.positions[c.name]
+        if s_o is not None and s_c is not None:
+            s_c = output_rows(c.module, s_c, pos)
+            if s_c.shape == s_o.shape:  # else the residual stream itself is pruned: no correspondence
+                y = y + (s_o - s_c) * (1.0 if scale is None else scale.to(y)[None, :])
         _check_finite(x, c.name, "inputs")
         _check_finite(y, c.name, "outputs")
         n = x.shape[0]
-        if seen == 0:
-            sampled = _sample_positions(c.module, y, positions, seed + zlib.crc32(c.name.encode()))
-        cut = min(max(n_train - seen, 0), n)  # rows of this batch that belong to the training part
-        for stats_list, part in ((train, slice(0, cut)), (val, slice(cut, n))):
-            if part.stop <= part.start:
+        per_sample = y.shape[0] // n
+        cut = min(max(n_train - seen, 0), n)  # samples of this batch that belong to the training part
+        for stats_list, lo, hi in ((train, 0, cut), (val, cut, n)):
+            if hi <= lo:
                 continue
             for stats, (_, in_new, out_rows) in zip(stats_list, blocks):
-                dim = -1 if isinstance(c.module, nn.Linear) else 1
-                xs = x[part].index_select(dim, in_new.to(x.device))
-                ys = y[part].index_select(dim, out_rows.to(y.device))
-                yrows = _outputs(c.module, ys, sampled)
-                u = _patches(c.module, xs, sampled) if xs.shape[dim] else yrows.new_zeros(yrows.shape[0], 0)
-                stats.add(u, yrows)
+                xs = x[lo:hi].index_select(dim, in_new.to(x.device))
+                ys = y[lo * per_sample:hi * per_sample].index_select(1, out_rows)
+                u = _patches(c.module, xs, pos) if xs.shape[dim] else ys.new_zeros(ys.shape[0], 0)
+                stats.add(u, ys)
         seen += n
     return train, val
 
@@ -444,9 +432,9 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
     return gp.group_id
 
 
-def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, inputs: Any,
-                   options: ReconstructOptions, intercept: bool, n_train: int, corrections: dict[str, Any]
-                   ) -> tuple[list[int], dict[str, tuple[_Normal, _Normal]]]:
+def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
+                   options: ReconstructOptions, intercept: bool, n_train: int, skips: dict[str, Skip],
+                   fx_graph: Any) -> tuple[list[int], dict[str, tuple[_Normal, _Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
     from the network in which every earlier decision is applied and ``gid`` is whole.
 
@@ -461,10 +449,8 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
             continue
         c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
         _check_gram_size(c, options)
-        correction = corrections.get(m.module)
         with eval_mode(model, compressed):
-            (train,), (val,) = _statistics(model, compressed, c, inputs, options.batch_size, n_train,
-                                           correction and correction(compressed), options.positions, options.seed)
+            (train,), (val,) = _statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
         cache[m.module] = (train, val)
         full = _Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
                        train.rows + val.rows)
@@ -484,19 +470,6 @@ def _restrict(stats: _Normal, inputs: np.ndarray, k: int) -> _Normal:
     cols = (np.nonzero(inputs)[0][:, None] * k + np.arange(k)[None, :]).reshape(-1)
     idx = torch.as_tensor(np.append(cols, stats.gram.shape[0] - 1), dtype=torch.long)
     return _Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
-
-
-def _skip_correction(skip: Skip | None, fx_graph: Any, model: nn.Module) -> Any:
-    """``compressed ↦ (batch ↦`` the skip branch's drift in the consumer's output space``)``, or None (no
-    skip; a skip whose channels differ between the networks — the residual stream itself is pruned — gets a
-    zero correction)."""
-    if skip is None:
-        return None
-
-    def for_network(compressed: nn.Module) -> Any:
-        return lambda xb: skip_correction(skip, model, fx_graph, model, compressed, xb)
-
-    return for_network
 
 
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
@@ -521,8 +494,10 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         order = call_order(model, take(inputs, slice(0, 1)))
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
-    skips, fx_graph = find_skips(model) if options.residual else ({}, None)
-    corrections = {name: _skip_correction(skip, fx_graph, model) for name, skip in skips.items()}
+    with eval_mode(model):
+        skips, fx_graph = find_skips(model, take(inputs, slice(0, 1))) if options.residual else ({}, None)
+    targets = Targets(model, todo, inputs, options.batch_size, options.positions, options.seed, skips, fx_graph,
+                      options.max_cache_bytes)
     n_train, cached = _n_train(options, n_total), {}
     plan = Plan(groups=list(plan.groups), meta=dict(plan.meta), refits=list(plan.refits))
     selected: set[int] = set()
@@ -533,7 +508,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         intercept = options.intercept and (module.bias is not None or norm is not None)
         gid = _greedy_group(model, graph, name, plan) if options.select == "greedy" else None
         if gid is not None and gid not in selected:
-            keep, cached = _select_greedy(model, graph, plan, gid, inputs, options, intercept, n_train, corrections)
+            keep, cached = _select_greedy(model, graph, plan, gid, targets, options, intercept, n_train, skips,
+                                          fx_graph)
             plan.groups = [gp.replace(keep=keep, criterion="greedy") if gp.group_id == gid else gp
                            for gp in plan.groups]
             selected.add(gid)
@@ -544,10 +520,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
             train, val = ([_restrict(s, c.keep, k)] for s in cached.pop(name))
         else:
             compressed = apply(model, graph, plan, verify=False)
-            correction = corrections.get(name)
             with eval_mode(model, compressed):
-                train, val = _statistics(model, compressed, c, inputs, options.batch_size, n_train,
-                                         correction and correction(compressed), options.positions, options.seed)
+                train, val = _statistics(targets, compressed, c, n_train, skips.get(name), fx_graph)
         weight, bias, rep = _fit(c, train, val, options, intercept, _kept_outputs(graph, plan, name))
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)
@@ -558,7 +532,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         refit.provenance = {k: v for k, v in rep.items() if k != "module"}
         plan = plan.with_refits([refit])
         reports.append({**rep, "action": "refit", "norm": norm, "selected": "greedy" if gid is not None else None,
-                        "residual_target": name in corrections})
+                        "residual_target": name in skips})
         bar.update(1)
     bar.close()
     if options.bn_recalibrate:

@@ -39,11 +39,14 @@ def _is_add(node: fx.Node) -> bool:
                                                                        and node.target in ("add", "add_"))
 
 
-def find_skips(model: nn.Module) -> tuple[dict[str, Skip], fx.Graph | None]:
+def find_skips(model: nn.Module, probe: Any = None) -> tuple[dict[str, Skip], fx.Graph | None]:
     """``{consumer: Skip}`` for every Linear/conv whose output (through at most one BatchNorm) is one operand
-    of a two-tensor add, and the fx graph they refer to (``({}, None)`` when the model does not trace)."""
+    of a two-tensor add, and the fx graph they refer to. ``({}, None)`` when the model does not trace, or
+    when the trace does not run on ``probe`` (a data-dependent branch traced one way)."""
     try:
         graph = fx.Tracer().trace(model)
+        if probe is not None:
+            node_values(model, graph, {n.name for n in graph.nodes if n.op == "output"}, probe)
     except Exception:  # noqa: BLE001 - untraceable models simply get plain targets
         return {}, None
     mods = dict(model.named_modules())
@@ -95,20 +98,21 @@ def node_values(model: nn.Module, graph: fx.Graph, names: set[str], inputs: Any)
     return rec.values
 
 
-def skip_correction(skip: Skip, model: nn.Module, graph: fx.Graph, original: nn.Module, compressed: nn.Module,
-                    inputs: Any) -> torch.Tensor:
-    """``(s_o − s_c)`` mapped into the consumer's output space (see the module docstring), shaped like the
-    consumer's output on ``inputs``."""
-    s_o = node_values(original, graph, {skip.partner}, inputs)[skip.partner]
-    s_c = node_values(compressed, graph, {skip.partner}, inputs)[skip.partner]
-    if s_o.shape != s_c.shape:  # the residual stream itself is pruned: no per-channel correspondence
-        return torch.zeros_like(s_o)
-    drift = s_o - s_c
+def output_scale(skip: Skip, model: nn.Module) -> torch.Tensor | None:
+    """Per channel, what a change of the add's input is worth in the consumer's output space: σ/γ of the
+    BatchNorm between them (0 where γ ≈ 0), or None without a BatchNorm (scale 1)."""
     if skip.norm is None:
-        return drift
+        return None
     bn = model.get_submodule(skip.norm)
     gamma = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
     scale = torch.sqrt(bn.running_var + bn.eps) / gamma
-    scale = torch.where(gamma.abs() > 1e-8, scale, torch.zeros_like(scale))
-    shape = [1, -1] + [1] * (drift.dim() - 2)
-    return drift * scale.view(shape).to(drift)
+    return torch.where(gamma.abs() > 1e-8, scale, torch.zeros_like(scale))
+
+
+def module_nodes(graph: fx.Graph) -> dict[str, fx.Node]:
+    """``{module name: its first call_module node}``."""
+    out: dict[str, fx.Node] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            out.setdefault(str(node.target), node)
+    return out

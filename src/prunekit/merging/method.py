@@ -20,6 +20,7 @@ come in ``options.method_options`` (CLI: ``--lam``, ``--bn-scale``, ``--preset``
 """
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from ..compensate import LstsqOptions, ReconstructOptions, reconstruct_plan
@@ -30,22 +31,23 @@ from .core import MergeOptions, compensate, merge, select
 
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
-_RECONSTRUCT_KEYS = {"calibration", "ridge", "intercept", "calibration_seed", "batch_size", "holdout", "layers",
-                     "residual", "select", "bn_recalibrate"}
+#: every ReconstructOptions field is a method option (``seed`` is ``calibration_seed``)
+_RECONSTRUCT_FIELDS = tuple(f.name for f in fields(ReconstructOptions) if f.name != "seed")
+_RECONSTRUCT_KEYS = {*_RECONSTRUCT_FIELDS, "calibration_seed"}
 
 
-def merge_options(options: PruneOptions, *, lstsq: bool = False) -> MergeOptions:
+def merge_options(options: PruneOptions, *, method: str = "merge") -> MergeOptions:
     """:class:`MergeOptions` from the CLI/registry options (unknown ``extra`` keys are errors)."""
     extra = dict(getattr(options, "method_options", None) or {})
     allowed = _MERGE_KEYS | _LSTSQ_KEYS | _RECONSTRUCT_KEYS  # merge ignores the data-light keys
     unknown = sorted(set(extra) - allowed)
     if unknown:
-        raise ConfigError(f"method option(s) {unknown} not understood by '{'lstsq' if lstsq else 'merge'}'; "
+        raise ConfigError(f"method option(s) {unknown} not understood by '{method}'; "
                           f"known: {sorted(allowed)}")
     include_bias = True if options.include_bias is None else bool(options.include_bias)
     criterion = options.criterion
     if criterion == "greedy":
-        if not lstsq:
+        if method == "merge":
             raise ConfigError("criterion 'greedy' selects survivors from calibration data: use --method lstsq or "
                           "reconstruct")
         criterion = "l1-norm"  # only the number of survivors per group is used
@@ -98,7 +100,7 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
     """Data-light compensation: survivors as ``merge``/``prune`` (or ``criterion='greedy'``), consumers
     refitted by ridge least squares on unlabeled calibration inputs, layer by layer."""
     extra = dict(getattr(options, "method_options", None) or {})
-    mo = merge_options(options, lstsq=True)
+    mo = merge_options(options, method="lstsq")
     data = _calibration_data(options, "lstsq")
     lo = LstsqOptions(**{k: extra[k] for k in ("calibration", "ridge", "init", "intercept", "batch_size")
                          if extra.get(k) is not None},
@@ -119,11 +121,10 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
     inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""
     extra = dict(getattr(options, "method_options", None) or {})
-    mo = merge_options(options, lstsq=True).replace(model_type="prune")
+    mo = merge_options(options, method="reconstruct").replace(model_type="prune")
     data = _calibration_data(options, "reconstruct")
-    ro = ReconstructOptions(**{k: extra[k] for k in ("calibration", "ridge", "intercept", "batch_size", "holdout",
-                                                     "layers", "residual", "bn_recalibrate")
-                               if extra.get(k) is not None},
+    ro = ReconstructOptions(**{k: extra[k] for k in _RECONSTRUCT_FIELDS if k not in ("select",)
+                               and extra.get(k) is not None},
                             select="greedy" if options.criterion == "greedy" else extra.get("select") or "greedy",
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
