@@ -1,0 +1,141 @@
+"""Compensation without fine-tuning: the ResNet-20 study, a clean timing of reconstruct vs lstsq, LeNet.
+
+1. ``prunekit reproduce compensation-resnet20-fmnist --json`` (the user's command; ``--reuse`` reads an
+   existing ``OUT/report.json`` instead of running it) → table, plot ``docs/img/compensation-resnet20-fmnist.png``;
+2. timing on the same checkpoint, ratio 0.5, 1,000 calibration images: ``lstsq``, ``reconstruct`` (defaults)
+   and ``reconstruct`` with ``layers=consumers``, alternated ``--repeats`` times in one process on a quiet
+   machine; medians and the ratio to lstsq (the study's own ``method_seconds`` are single runs);
+3. the official Neuron Merging LeNet-300-100 checkpoint (``../shared/checkpoints``): prune / merge / lstsq /
+   reconstruct (defaults) at ratios 0.5–0.8.
+
+Writes the ``compensation`` section of BENCHMARKS.md.
+
+    .venv/bin/python bench/compensation.py --checkpoint runs/r20-fmnist/model [--reuse] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, markdown_table, write_section  # noqa: E402
+
+OUT = "runs/compensation-resnet20-fmnist"
+LENET = ROOT.parent / "shared" / "checkpoints" / "neuron-merging-lenet300-fashionmnist.pth.tar"
+
+
+def run_study(args) -> dict:
+    report_path = ROOT / args.out / "report.json"
+    if args.reuse and report_path.exists():
+        return json.loads(report_path.read_text())
+    cmd = [sys.executable, "-m", "prunekit", "reproduce", "compensation-resnet20-fmnist", "--json", "--out", args.out]
+    if args.checkpoint:
+        cmd += ["--checkpoint", args.checkpoint]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if proc.returncode != 0:
+        sys.exit(proc.stderr[-4000:])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    report_path.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def timing(checkpoint: str, repeats: int) -> dict[str, list[float]]:
+    import torch
+
+    from prunekit.data import get_dataset
+    from prunekit.io import load_model
+    from prunekit.methods import PruneOptions, get_method
+
+    model, _ = load_model(checkpoint)
+    model.eval()
+    train = get_dataset("fashion-mnist", "train", augment=False)
+    example = torch.zeros(1, 1, 28, 28)
+    variants = {"lstsq": ("lstsq", {}), "reconstruct": ("reconstruct", {}),
+                "reconstruct layers=consumers": ("reconstruct", {"layers": "consumers"})}
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for label, (method, extra) in variants.items():
+            opts = PruneOptions(ratio=0.5, calibration_data=train,
+                                method_options={"preset": "resnet", "calibration": 1000, **extra})
+            start = time.perf_counter()
+            get_method(method)(model, example, opts)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def lenet_rows() -> list[list]:
+    import torch
+
+    from prunekit.data import get_dataset, make_loader
+    from prunekit.io import load_model
+    from prunekit.methods import PruneOptions, get_method
+    from prunekit.metrics import evaluate
+
+    model, _ = load_model(str(LENET), model_name="lenet-300-100")
+    model.eval()
+    train = get_dataset("fashion-mnist", "train", augment=False)
+    loader = make_loader(get_dataset("fashion-mnist", "test"), 1000, shuffle=False)
+    example = torch.zeros(1, 1, 28, 28)
+    rows = []
+    for ratio in (0.5, 0.6, 0.7, 0.8):
+        row = [ratio]
+        for method, extra in (("merge", {"model_type": "prune"}), ("merge", {}), ("lstsq", {}), ("reconstruct", {})):
+            opts = PruneOptions(ratio=ratio, calibration_data=train, method_options={"preset": "lenet-300-100",
+                                                                                      **extra})
+            row.append(evaluate(get_method(method)(model, example, opts).model, loader)["accuracy"])
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--checkpoint", default="runs/r20-fmnist/model")
+    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--reuse", action="store_true", help="read OUT/report.json instead of running the study")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    report = run_study(args)
+    if report.get("plot"):
+        (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ROOT / report["plot"] if not Path(report["plot"]).is_absolute() else report["plot"],
+                        ROOT / "docs" / "img" / "compensation-resnet20-fmnist.png")
+    base = report["baseline_accuracy"]
+    rows = [[r["method"], r["ratio"], f"{100 * r['macs_reduction']:.1f} %", f"{r['accuracy']:.2f}",
+             f"{r['accuracy'] - base:+.2f}", r.get("finetune_epochs", 0)] for r in report["rows"]]
+    sweep = [[r["calibration"], f"{r['accuracy']:.2f}", f"{r['method_seconds']:.1f}"] for r in report["sweep"]]
+    times = timing(args.checkpoint, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    trows = [[k, f"{med[k]:.1f}", f"{med[k] / med['lstsq']:.2f}×", ", ".join(f"{t:.1f}" for t in v)]
+             for k, v in times.items()]
+    body = [f"ResNet-20 (option A) on Fashion-MNIST, baseline **{base:.2f} %** "
+            f"({report['baseline'].get('checkpoint')}); every block's conv1 pruned (preset `resnet`, l1-norm), "
+            "**no fine-tuning** except the Torch-Pruning rows; 1,000 unlabeled training images; test set of "
+            "10,000. Command of the study: `prunekit reproduce compensation-resnet20-fmnist --checkpoint "
+            f"{args.checkpoint} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`.",
+            "", markdown_table(["method", "ratio", "MACs removed", "accuracy", "Δ baseline", "fine-tune epochs"],
+                               rows),
+            "", "Calibration-size sweep (`reconstruct`, ratio 0.5; seconds are single runs of the study):", "",
+            markdown_table(["calibration images", "accuracy", "method s"], sweep),
+            "", f"Method time at ratio 0.5 and 1,000 images, {args.repeats} alternating repetitions in one process "
+            "(median; deciding + compensating, no evaluation):", "",
+            markdown_table(["method", "median s", "vs lstsq", "runs"], trows)]
+    if LENET.exists():
+        body += ["", "Official Neuron Merging LeNet-300-100 checkpoint (89.80 %), preset `lenet-300-100`, no "
+                 "fine-tuning; lstsq / reconstruct on 1,000 unlabeled training images (defaults):", "",
+                 markdown_table(["ratio", "prune", "merge", "lstsq", "reconstruct"], lenet_rows())]
+    write_section("compensation", "Compensation without fine-tuning: reconstruct vs lstsq vs merge vs "
+                  "Torch-Pruning (CPU)", "\n".join(body))
+    print("\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
