@@ -90,7 +90,7 @@ class ReconstructOptions:
     select: str = "criterion"
     residual: bool = True
     bn_recalibrate: bool = False
-    positions: int | None = 256
+    positions: int | None = 128
     max_cache_bytes: int = 1 << 30
     seed: int = 0
 
