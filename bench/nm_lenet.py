@@ -17,10 +17,9 @@ from common import ROOT, markdown_table, write_section
 
 from prunekit.data import get_dataset, make_loader
 from prunekit.io import load_model
-from prunekit.merging import MergeOptions
-from prunekit.merging import LstsqOptions, compensate
-from prunekit.studies.merging import LENET_CHECKPOINT, lenet_markdown, lenet_table
+from prunekit.merging import LstsqOptions, MergeOptions, compensate
 from prunekit.metrics import evaluate
+from prunekit.studies.merging import LENET_CHECKPOINT, lenet_markdown, lenet_table
 
 OFFICIAL = ROOT.parent / "shared" / "checkpoints" / LENET_CHECKPOINT
 
