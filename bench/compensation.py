@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, markdown_table, write_section  # noqa: E402
+from common import ROOT, markdown_table, write_section
 
 OUT = "runs/compensation-resnet20-fmnist"
 LENET = ROOT.parent / "shared" / "checkpoints" / "neuron-merging-lenet300-fashionmnist.pth.tar"
@@ -116,21 +116,21 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     trows = [[k, f"{med[k]:.1f}", f"{med[k] / med['lstsq']:.2f}×", ", ".join(f"{t:.1f}" for t in v)]
              for k, v in times.items()]
-    body = [f"ResNet-20 (option A) on Fashion-MNIST, baseline **{base:.2f} %** "
+    body = [(f"ResNet-20 (option A) on Fashion-MNIST, baseline **{base:.2f} %** "
             f"({report['baseline'].get('checkpoint')}); every block's conv1 pruned (preset `resnet`, l1-norm), "
             "**no fine-tuning** except the Torch-Pruning rows; 1,000 unlabeled training images; test set of "
             "10,000. Command of the study: `prunekit reproduce compensation-resnet20-fmnist --checkpoint "
-            f"{args.checkpoint} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`.",
+            f"{args.checkpoint} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`."),
             "", markdown_table(["method", "ratio", "MACs removed", "accuracy", "Δ baseline", "fine-tune epochs"],
                                rows),
             "", "Calibration-size sweep (`reconstruct`, ratio 0.5; seconds are single runs of the study):", "",
             markdown_table(["calibration images", "accuracy", "method s"], sweep),
-            "", f"Method time at ratio 0.5 and 1,000 images, {args.repeats} alternating repetitions in one process "
-            "(median; deciding + compensating, no evaluation):", "",
+            "", (f"Method time at ratio 0.5 and 1,000 images, {args.repeats} alternating repetitions in one process "
+            "(median; deciding + compensating, no evaluation):"), "",
             markdown_table(["method", "median s", "vs lstsq", "runs"], trows)]
     if LENET.exists():
-        body += ["", "Official Neuron Merging LeNet-300-100 checkpoint (89.80 %), preset `lenet-300-100`, no "
-                 "fine-tuning; lstsq / reconstruct on 1,000 unlabeled training images (defaults):", "",
+        body += ["", ("Official Neuron Merging LeNet-300-100 checkpoint (89.80 %), preset `lenet-300-100`, no "
+                 "fine-tuning; lstsq / reconstruct on 1,000 unlabeled training images (defaults):"), "",
                  markdown_table(["ratio", "prune", "merge", "lstsq", "reconstruct"], lenet_rows())]
     write_section("compensation", "Compensation without fine-tuning: reconstruct vs lstsq vs merge vs "
                   "Torch-Pruning (CPU)", "\n".join(body))

@@ -33,8 +33,7 @@ from nm_train_convnets import RUNS, checkpoint_dir
 from prunekit.data import get_dataset, make_loader
 from prunekit.engine import ChannelGraph
 from prunekit.io import load_model
-from prunekit.merging import MergeOptions, merge
-from prunekit.merging import LstsqOptions, compensate
+from prunekit.merging import LstsqOptions, MergeOptions, compensate, merge
 from prunekit.metrics import count_macs, count_params, evaluate
 
 CRITERIA = ("l1-norm", "l2-norm", "l2-GM")

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from prunekit.compensate.decompose import bn_scale_and_bias
 from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply
 from prunekit.errors import ConfigError
 from prunekit.merging import BNStats, MergeOptions, merge, merge_plan, most_sim, most_sim_bn, prune_only
-from prunekit.compensate.decompose import bn_scale_and_bias
 
 torch.set_num_threads(1)
 
