@@ -8,7 +8,11 @@ the following BatchNorm) — which :func:`prunekit.engine.apply`, the only write
 * :mod:`.decompose` — Neuron Merging's Algorithms 1–3 (MostSim, MostSim+BN) on weight vectors;
 * :mod:`.neuron_merging` — the merge matrix of one planned group of a graph (:func:`decompose_group`);
 * :mod:`.lstsq` — ridge least-squares merge matrices (+ intercepts) from calibration inputs (:func:`lstsq_plan`);
-* :mod:`.reconstruct` — whole-layer ridge refits of every consumer's output (:func:`reconstruct_plan`);
+* :mod:`.reconstruct` — whole-layer ridge refits of every consumer's output (:func:`reconstruct_plan`), with
+  :mod:`.greedy` (survivors chosen against the consumers' outputs, whole channels — unlike
+  :func:`~prunekit.compensate.lstsq.greedy_select`, which reconstructs the group's own activations),
+  :mod:`.residual` (skip-branch drift in the targets) and :mod:`.targets` (the targets in few passes);
+* :mod:`.batchnorm` — BatchNorm statistics re-estimated on calibration inputs, as refits;
 * :mod:`.constants` — constant channels folded into their consumers (:func:`constant_refits`);
 * :mod:`.calibration` — calibration inputs of any type (images, token ids, dicts) and activation capture.
 """

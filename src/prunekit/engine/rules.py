@@ -284,9 +284,6 @@ class ConvTransposeRule(WeightRule):
 
     OUT_DIM, IN_DIM = 1, 0
 
-    def shift_in(self, m, v):
-        raise NotImplementedError("a transposed conv's output sums a varying number of taps per position")
-
     def trace(self, ctx, name, module, inputs, out_shape):
         x = inputs[0]
         kind = type(module).__name__

@@ -1,4 +1,4 @@
-"""The ``merge`` and ``lstsq`` methods of ``prunekit prune --method NAME`` (see :mod:`prunekit.methods`).
+"""The ``merge``, ``lstsq`` and ``reconstruct`` methods of ``prunekit prune --method NAME`` (see :mod:`prunekit.methods`).
 
 ``PruneOptions`` carries the shared selection options (ratio, criterion, scope, rounding, overrides,
 ignored, include_bias, seed) and ``threshold`` (the minimum cosine to merge); method-specific ones

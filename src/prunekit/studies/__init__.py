@@ -5,7 +5,9 @@
 * :mod:`.polarization` — Polarization (``polarization-*``): baseline → polarized training → prune at the
   valley → fine-tune, against network slimming and l1-norm pruning; CPU and paper-sized;
 * :mod:`.grda` — gRDA (``grda-*``): sparsity/accuracy grids against plain SGD and magnitude pruning;
-* :mod:`.common` — what the three share (option checks, output folder, headless figures).
+* :mod:`.compensation` — compensation side by side (``compensation-*``): prune / merge / lstsq / reconstruct
+  against Torch-Pruning with and without fine-tuning, and a calibration-size sweep;
+* :mod:`.common` — what they share (option checks, output folder, headless figures).
 
 This package sits above the library: it imports only public API (package exports such as
 ``prunekit.merging.merge``), and nothing outside it and the CLI imports it. The study registry
