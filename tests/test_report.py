@@ -185,6 +185,22 @@ def test_only_sections_with_data_appear(tmp_path, monkeypatch, capsys):
     assert "| 0.50 | 88.40 | 88.69 | 89.10 | 89.05 | 88.40 | 88.69 |" in md
 
 
+def test_compensation_study_with_fine_tuned_rows_and_a_baseline_record(tmp_path, monkeypatch, capsys):
+    """``reproduce compensation-*``: ``baseline`` is a record (checkpoint, params) and ``baseline_accuracy`` the
+    number; fine-tuned rows of a method become their own columns ("+k ep") instead of overwriting it."""
+    monkeypatch.chdir(tmp_path)
+    rows = [{"method": "reconstruct", "ratio": 0.5, "accuracy": 92.02},
+            {"method": "torch-pruning", "ratio": 0.5, "accuracy": 12.14, "finetune_epochs": 0},
+            {"method": "torch-pruning", "ratio": 0.5, "accuracy": 92.22, "finetune_epochs": 1}]
+    write(tmp_path / "c.json", {"study": "compensation", "model": "resnet20", "baseline_accuracy": 92.91,
+                                "baseline": {"checkpoint": "x", "params": 1}, "rows": rows})
+    code, out, err = run_cli(capsys, "report", "c.json", "--out", "r.md", "--json")
+    assert code == 0, err
+    md = (tmp_path / "r.md").read_text()
+    assert "unpruned 92.91 %" in md and "| ratio | reconstruct | torch-pruning | torch-pruning +1 ep |" in md
+    assert "| 0.50 | 92.02 | 12.14 | 92.22 |" in md
+
+
 # ----------------------------------------------------------------------------- bad inputs
 
 

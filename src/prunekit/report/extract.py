@@ -104,6 +104,21 @@ _NM_COLUMNS = {"prune": "prune", "merge": "merge", "lstsq": "lstsq", "lstsq_gree
 _NO_CRITERION = (None, "", "-", "—")
 
 
+def _baseline_accuracy(table: dict) -> float | None:
+    """The unpruned accuracy of a table: ``baseline`` when it is a number, else ``baseline_accuracy``."""
+    for key in ("baseline", "baseline_accuracy"):
+        v = table.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def _method_label(row: dict) -> str:
+    """The row's method, with ``+k ep`` when it was fine-tuned for k epochs."""
+    k = row.get("finetune_epochs")
+    return f"{row['method']} +{k} ep" if k else str(row["method"])
+
+
 def compensation_series(col: Collection) -> list[Series]:
     """One series per (source, model, criterion) from the Neuron Merging studies, sweeps and prune results."""
     out: dict[str, Series] = {}
@@ -123,19 +138,20 @@ def compensation_series(col: Collection) -> list[Series]:
     for r in col.of("sweep"):
         tables = r.data if isinstance(r.data, list) else [r.data]
         for t in tables:
+            baseline = _baseline_accuracy(t)
             any_criterion = []  # rows without a criterion (data-driven survivors) belong to every criterion
             for row in t["rows"]:
                 model = row.get("model") or t.get("model") or t.get("study") or "model"
                 if row.get("criterion") in _NO_CRITERION:
                     any_criterion.append((f"{r.label}: {model} (", row))
                     continue
-                s = series(f"{r.label}: {model} ({row['criterion']})", t.get("baseline"))
-                s.by_method[str(row["method"])][float(row["ratio"])] = float(row["accuracy"])
+                s = series(f"{r.label}: {model} ({row['criterion']})", baseline)
+                s.by_method[_method_label(row)][float(row["ratio"])] = float(row["accuracy"])
             for prefix, row in any_criterion:
                 targets = [s for title, s in out.items() if title.startswith(prefix)] or \
-                    [series(prefix + "any criterion)", t.get("baseline"))]
+                    [series(prefix + "any criterion)", baseline)]
                 for s in targets:
-                    s.by_method[str(row["method"])][float(row["ratio"])] = float(row["accuracy"])
+                    s.by_method[_method_label(row)][float(row["ratio"])] = float(row["accuracy"])
     for r in col.of("prune"):  # `prune --json` files of one base model (same dataset and size) share a series
         d = r.data
         if d.get("ratio") is None:
