@@ -26,7 +26,7 @@ STUDIES = {
     "polarization-resnet20-fmnist", "polarization-resnet56-cifar10", "polarization-resnet56-cifar100",
     "polarization-vgg16-cifar10", "polarization-vgg16-cifar100", "polarization-resnet50-imagenet",
     "polarization-mobilenetv2-imagenet", "grda-lenet300-fmnist", "grda-resnet20-fmnist", "grda-resnet50-imagenet",
-    "grda-vgg16-cifar10", "grda-wrn28-10-cifar100", "compensation-resnet20-fmnist",
+    "grda-vgg16-cifar10", "grda-wrn28-10-cifar100", "compensation-resnet20-fmnist", "compensation-vgg16-fmnist",
 }
 
 #: registry → (the public lookup functions it covers, a script run in a fresh interpreter)

@@ -1,4 +1,4 @@
-"""Compensation side by side: ``prunekit reproduce compensation-resnet20-fmnist``.
+"""Compensation side by side: ``prunekit reproduce compensation-resnet20-fmnist`` (and ``compensation-vgg16-fmnist``).
 
 ResNet-20 (option-A shortcuts) trained on Fashion-MNIST with the ``polarization-fmnist`` recipe (5 epochs,
 seed 0; or ``--checkpoint`` a trained one), every block's conv1 pruned (preset ``resnet``, l1-norm,
@@ -18,6 +18,10 @@ training images for the data-light ones:
   all 60,000 labelled images): how many epochs of training compensation saves. Skipped with a note when
   ``torch-pruning`` is not installed.
 
+``compensation-vgg16-fmnist`` runs the same rows on the quarter-width VGG-16 of ``bench/nm_convnets.py``
+(``--checkpoint runs/nm-fmnist/vgg16``, trained by ``bench/nm_train_convnets.py``) in general mode: every
+prunable group at the ratio, Torch-Pruning on every conv/linear but the classifier.
+
 Plus a calibration-size sweep of ``reconstruct`` at ratio 0.5 (accuracy and wall time).
 
 Study options (``--set KEY=VALUE``): ``ratios``, ``methods``, ``calibration``, ``sweep`` (list of sizes, ``[]``
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ import torch
 from torch import nn
 
 from prunekit.data import dataset_info, get_dataset, make_loader
+from prunekit.errors import ConfigError
 from prunekit.io import load_model
 from prunekit.methods import PruneOptions, get_method
 from prunekit.metrics import count_macs, count_params, evaluate
@@ -59,11 +65,30 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 #: the ablation rows run at ratio 0.5 only
 ABLATION = ("+greedy", "+residual", "reconstruct+bn")
+@dataclass(frozen=True)
+class Setup:
+    """One model of the study: its title, preset (None: every prunable group at the ratio), and whether the
+    baseline can be trained here (else ``--checkpoint`` is required)."""
+
+    title: str
+    model: str
+    preset: str | None
+    trainable: bool
+    checkpoint_hint: str = ""
+
+
+SETUPS = {
+    TITLE: Setup(TITLE, "resnet20", "resnet", True),
+    "compensation-vgg16-fmnist": Setup("compensation-vgg16-fmnist", "vgg16", None, False,
+                                       "train it with `.venv/bin/python bench/nm_train_convnets.py --models vgg16` "
+                                       "and pass --checkpoint runs/nm-fmnist/vgg16"),
+}
+
 SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "finetune_ratios", "test_size")
 
 
-def _baseline(options: StudyOptions, out: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The trained ResNet-20: ``--checkpoint``, or trained (resumable, cached) under ``OUT/baseline``."""
+def _baseline(options: StudyOptions, out: Path, setup: Setup) -> tuple[nn.Module, dict[str, Any]]:
+    """The trained model: ``--checkpoint``, or (ResNet-20) trained, resumable and cached, under ``OUT/baseline``."""
     if options.checkpoint:
         model, _ = load_model(options.checkpoint)
         return model.eval(), {"checkpoint": str(options.checkpoint)}
@@ -82,13 +107,20 @@ def _baseline(options: StudyOptions, out: Path) -> tuple[nn.Module, dict[str, An
                               "epochs": recipe.epochs}
 
 
-def _torch_pruning(model: nn.Module, widths: dict[str, int], example: torch.Tensor) -> nn.Module:
-    """Torch-Pruning's MetaPruner, L2 magnitude, on exactly the layers of ``widths`` (a pruned copy)."""
+def _torch_pruning(model: nn.Module, widths: dict[str, int] | float, example: torch.Tensor) -> nn.Module:
+    """Torch-Pruning's MetaPruner, L2 magnitude (a pruned copy): exactly the layers of ``widths`` to those
+    widths, or, given a ratio, every conv/linear but the classifier at that ratio."""
     import copy
 
     import torch_pruning as tp
 
     m = copy.deepcopy(model)
+    if not isinstance(widths, dict):
+        layers = [mod for mod in m.modules() if isinstance(mod, (nn.Conv2d, nn.Linear))]
+        pruner = tp.pruner.MetaPruner(m, example, importance=tp.importance.MagnitudeImportance(p=2),
+                                      pruning_ratio=float(widths), ignored_layers=[layers[-1]])
+        pruner.step()
+        return m
     targets = {name: m.get_submodule(name) for name in widths}
     ignored = [mod for name, mod in m.named_modules() if isinstance(mod, (nn.Conv2d, nn.Linear))
                and name not in targets]
@@ -114,8 +146,7 @@ def _as_list(value: Any, default: list) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-@register_study(TITLE)
-def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any], str]:
+def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
     extra = dict(options.extra)
     check_options(extra, SETTABLE)
     ratios = [float(r) for r in _as_list(extra.get("ratios"), [0.3, 0.5, 0.7])]
@@ -124,9 +155,12 @@ def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any],
     sweep = [int(n) for n in _as_list(extra.get("sweep"), [64, 256, 1000, 4000])]
     finetune = int(extra.get("finetune", 3))
     finetune_ratios = [float(r) for r in _as_list(extra.get("finetune_ratios"), [0.5])]
-    out = out_dir(options, TITLE)
+    if not (options.checkpoint or setup.trainable):
+        raise ConfigError(f"study '{setup.title}' needs --checkpoint (a trained {setup.model}): "
+                          f"{setup.checkpoint_hint}")
+    out = out_dir(options, setup.title)
     out.mkdir(parents=True, exist_ok=True)
-    model, baseline = _baseline(options, out)
+    model, baseline = _baseline(options, out, setup)
     train_set = get_dataset("fashion-mnist", "train", root=options.data_root, augment=False, download=False)
     test_set = get_dataset("fashion-mnist", "test", root=options.data_root, download=False)
     if extra.get("test_size"):
@@ -137,11 +171,12 @@ def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any],
     base_acc = evaluate(model, loader)["accuracy"]
     stderr_log(f"baseline {base_acc:.2f} %")
     rows: list[dict[str, Any]] = []
+    preset = {"preset": setup.preset} if setup.preset else {}
 
     def run(label: str, ratio: float, n_cal: int) -> tuple[nn.Module, dict[str, Any]]:
         method, criterion, mo = METHODS[label]
         opts = PruneOptions(ratio=ratio, criterion=criterion, calibration_data=train_set,
-                            method_options={"preset": "resnet", "calibration": n_cal, **mo})
+                            method_options={**preset, "calibration": n_cal, **mo})
         start = time.perf_counter()
         result = get_method(method)(model, example, opts)
         seconds = time.perf_counter() - start
@@ -156,23 +191,27 @@ def compensation_resnet20_fmnist(options: StudyOptions) -> tuple[dict[str, Any],
             if label != "torch-pruning" and (label not in ABLATION or ratio == 0.5):
                 rows.append(run(label, ratio, calibration)[1])
         if "torch-pruning" in methods:
-            rows += _torch_pruning_rows(model, ratio, base, loader, train_set, test_set,
-                                        finetune if ratio in finetune_ratios else 0, options, out)
+            rows += _torch_pruning_rows(model, ratio, base, loader, test_set,
+                                        finetune if ratio in finetune_ratios else 0, options, out, setup)
     sweep_rows = []
     for n in sweep:
         _, row = run("reconstruct", 0.5, n)
         sweep_rows.append(row)
-    report = {"study": TITLE, "model": "resnet20", "dataset": "fashion-mnist", "baseline_accuracy": round(base_acc, 2),
+    report = {"study": setup.title, "model": setup.model, "dataset": "fashion-mnist", "baseline_accuracy": round(base_acc, 2),
               "baseline": {**baseline, **base}, "calibration": calibration, "rows": rows, "sweep": sweep_rows,
               "finetune_recipe": "polarization-fmnist-finetune"}
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    plot = plot_study(report, out / "compensation-resnet20-fmnist.png")
+    plot = plot_study(report, out / f"{setup.title}.png")
     if plot is not None:
         report["plot"] = str(plot)
     return report, study_table(report)
 
 
-def _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetune, options, out) -> list[dict]:
+for _title, _setup in SETUPS.items():
+    register_study(_title)(lambda options, _setup=_setup: _study(_setup, options))
+
+
+def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options, out, setup) -> list[dict]:
     from prunekit.merging import get_preset
 
     try:
@@ -180,7 +219,7 @@ def _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetun
     except ImportError:
         stderr_log("torch-pruning is not installed (pip install torch-pruning): its rows are skipped")
         return []
-    widths = get_preset("resnet").widths(model, ratio)
+    widths = get_preset(setup.preset).widths(model, ratio) if setup.preset else ratio
     start = time.perf_counter()
     small = _torch_pruning(model.eval(), widths, torch.zeros(1, 1, 28, 28))
     seconds = time.perf_counter() - start
@@ -200,7 +239,7 @@ def _torch_pruning_rows(model, ratio, base, loader, train_set, test_set, finetun
 
 
 def study_table(report: dict[str, Any]) -> str:
-    lines = [(f"ResNet-20 / Fashion-MNIST, baseline {report['baseline_accuracy']:.2f} %, no fine-tuning unless "
+    lines = [(f"{report['model']} / Fashion-MNIST, baseline {report['baseline_accuracy']:.2f} %, no fine-tuning unless "
              "stated; calibration: unlabeled training images"), "",
              "| method | ratio | MACs removed | params removed | accuracy | method s | fine-tune epochs |",
              "|---|---|---|---|---|---|---|"]
@@ -235,7 +274,7 @@ def plot_study(report: dict[str, Any], path: Path) -> Path | None:
     ax.axhline(report["baseline_accuracy"], color="gray", linewidth=0.8, label="baseline")
     ax.set_xlabel("MACs removed (%)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("ResNet-20 / Fashion-MNIST: compensation without fine-tuning")
+    ax.set_title(f"{report['model']} / Fashion-MNIST: compensation without fine-tuning")
     ax.legend(fontsize=7)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
