@@ -196,6 +196,7 @@ def test_compensation_study_with_fine_tuned_rows_and_a_baseline_record(tmp_path,
                                 "baseline": {"checkpoint": "x", "params": 1}, "rows": rows})
     code, out, err = run_cli(capsys, "report", "c.json", "--out", "r.md", "--json")
     assert code == 0, err
+    assert json.loads(out)["sections"] == ["Merge vs prune vs lstsq"]
     md = (tmp_path / "r.md").read_text()
     assert "unpruned 92.91 %" in md and "| ratio | reconstruct | torch-pruning | torch-pruning +1 ep |" in md
     assert "| 0.50 | 92.02 | 12.14 | 92.22 |" in md
