@@ -346,3 +346,19 @@ def test_sampled_patches_are_the_unfolded_rows_at_those_positions(conv):
     assert torch.equal(_patches(conv, x, pos), full_u[rows]) and torch.equal(_outputs(conv, y, pos), full_y[rows])
     w = conv.weight.detach().reshape(4, -1)
     assert torch.allclose(full_u @ w.t() + conv.bias.detach(), full_y, atol=1e-5)  # rows really are the conv
+
+
+def test_downstream_weights_are_the_next_layers_squared_column_norms():
+    from prunekit.compensate.reconstruct import _downstream_weights
+
+    net = redundant_mlp()
+    graph = ChannelGraph.build(net, (1, 6))
+    w = _downstream_weights(net, graph, "0")
+    cols = (net[2].weight.detach().double() ** 2).sum(0)
+    assert torch.allclose(w, cols / cols.mean())
+    assert _downstream_weights(net, graph, "2") is None  # the logits: nothing reads them
+    x = torch.randn(100, 6, generator=torch.Generator().manual_seed(14))
+    plan = make_plan(net, graph, ratio=0.4)
+    _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=100, select="greedy",
+                                                                          weighted=True))
+    assert reports[0]["selected"] == "greedy"

@@ -75,11 +75,9 @@ def structured_prune(model: nn.Module, example_inputs: Any, options: PruneOption
     """Plain structured pruning: keep the best channels of every group by ``options.criterion``."""
     from .engine import prune
 
-    if options.method_options or options.threshold is not None:
-        unknown = sorted(options.method_options) + (["threshold"] if options.threshold is not None else [])
-        raise ConfigError(f"method 'prune' takes no method options, got {unknown}; for a preset's layers "
-                          "without compensation use --method merge --method-option model_type=prune")
-
+    if "preset" in options.method_options:  # a selection option it would ignore (compensation options are moot)
+        raise ConfigError("method 'prune' does not take a preset (it prunes every group by the criterion); for a "
+                          "preset's layers without compensation use --method merge --method-option model_type=prune")
     pruned = prune(model, example_inputs, **options.engine_kwargs())
     plan = pruned.prunekit_plan
     removed = sum(g.size - len(g.keep) for g in plan.groups)

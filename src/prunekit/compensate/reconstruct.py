@@ -65,6 +65,9 @@ class ReconstructOptions:
         select: ``criterion`` (the plan's survivors) or ``greedy``: for every group read only by plain
             Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
             against the consumers' outputs (:mod:`.greedy`).
+        weighted: in the greedy selection, weight each consumer output by how much the next layers read it
+            (:func:`_downstream_weights`); measured: +0.25 pt on LeNet-300-100 at 0.8 (mean of 3 calibration
+            seeds), −0.2 pt on ResNet-20, hence off by default.
         residual: for a consumer whose output (through at most one BatchNorm) is added to a skip branch,
             also correct the skip branch's drift (:mod:`.residual`).
         positions: at most this many output positions per input of a convolution enter the statistics (a
@@ -89,6 +92,7 @@ class ReconstructOptions:
     layers: str = "all"
     select: str = "criterion"
     residual: bool = True
+    weighted: bool = False
     bn_recalibrate: bool = False
     positions: int | None = 128
     max_cache_bytes: int = 1 << 30
@@ -208,6 +212,11 @@ class _Normal:
     def outputs(self, keep: torch.Tensor) -> _Normal:
         """The same statistics for the outputs ``keep`` (bool over O) only."""
         return _Normal(self.gram, self.cross[:, keep], self.energy[keep], self.rows)
+
+    def weighted(self, w: torch.Tensor) -> _Normal:
+        """Outputs weighted by ``w`` (O,): errors count ``w_o``-fold (targets scaled by √w_o)."""
+        r = w.sqrt().to(self.cross)
+        return _Normal(self.gram, self.cross * r[None, :], self.energy * w.to(self.energy), self.rows)
 
     def total(self) -> float:
         return float(self.energy.sum())
@@ -370,6 +379,36 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
     return weight, bias, report
 
 
+def _downstream_weights(model: nn.Module, graph: ChannelGraph, name: str) -> torch.Tensor | None:
+    """Per output of ``name``: how much an error there moves the next layers — the squared norm of the
+    consumers' weight columns that read it (times (γ/σ)² of a BatchNorm in between); None when unknown."""
+    out_m = graph.member(name, "out")
+    if out_m is None:
+        return None
+    weights = np.zeros(len(out_m))
+    for gid in np.unique(out_m.group[out_m.group >= 0]).tolist():
+        g = graph.groups[gid]
+        per_channel = np.zeros(g.size)
+        for m in g.members:
+            module = model.get_submodule(m.module)
+            sel = np.nonzero(m.group == gid)[0]
+            if m.role == "in" and supported(module) is None and _conv_groups(module) == 1:
+                w = module.weight.detach().double()
+                cols = (w.transpose(0, 1).reshape(w.shape[1], -1) ** 2).sum(1).numpy()
+                np.add.at(per_channel, m.channel[sel], cols[sel])
+        for m in g.members:
+            module = model.get_submodule(m.module)
+            if m.role == "norm" and getattr(module, "running_var", None) is not None and module.weight is not None:
+                sel = np.nonzero(m.group == gid)[0]
+                s = (module.weight.detach().double() ** 2 / (module.running_var.double() + module.eps)).numpy()
+                per_channel[m.channel[sel]] *= s[sel]
+        here = out_m.group == gid
+        weights[here] = per_channel[out_m.channel[here]]
+    if not weights.any():
+        return None
+    return torch.from_numpy(weights / weights[weights > 0].mean()).clamp_min(1e-6)
+
+
 def _kept_outputs(graph: ChannelGraph, plan: Plan, name: str) -> np.ndarray | None:
     """Bool over ``name``'s outputs: those the plan keeps (None when its outputs are in no group)."""
     member = graph.member(name, "out")
@@ -457,6 +496,8 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
         k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
         index_of = np.argsort(m.channel)  # input index of each group channel
         blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
+        if options.weighted and (w := _downstream_weights(model, graph, m.module)) is not None:
+            full = full.weighted(w)
         kept = _kept_outputs(graph, plan, m.module)
         if kept is not None:  # only the outputs that survive matter
             full = full.outputs(torch.from_numpy(kept))
