@@ -362,3 +362,11 @@ def test_downstream_weights_are_the_next_layers_squared_column_norms():
     _, reports = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=100, select="greedy",
                                                                           weighted=True))
     assert reports[0]["selected"] == "greedy"
+
+
+def test_plain_prune_refuses_a_preset_it_would_ignore():
+    from prunekit.methods import PruneOptions, get_method
+    from prunekit.models import create
+
+    with pytest.raises(ConfigError, match="does not take a preset"):
+        get_method("prune")(create("lenet-300-100"), (1, 1, 28, 28), PruneOptions(method_options={"preset": "x"}))
