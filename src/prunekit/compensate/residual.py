@@ -13,6 +13,7 @@ the skip value is read from the same trace, run by an interpreter that stops onc
 from __future__ import annotations
 
 import operator
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,10 +85,21 @@ class _Recorder(fx.Interpreter):
         return value
 
 
+_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (graph, its GraphModule)
+
+
+def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
+    """``GraphModule(model, graph)``, built once per (model, graph) — building one compiles Python code."""
+    cached = _MODULES.get(model)
+    if cached is None or cached[0] is not graph:
+        cached = (graph, fx.GraphModule(model, graph))
+        _MODULES[model] = cached
+    return cached[1]
+
+
 def node_values(model: nn.Module, graph: fx.Graph, names: set[str], inputs: Any) -> dict[str, torch.Tensor]:
     """Values of the fx nodes ``names`` of ``graph`` (traced from a model with ``model``'s module names)."""
-    gm = fx.GraphModule(model, graph)
-    rec = _Recorder(gm, names)
+    rec = _Recorder(_graph_module(model, graph), names)
     args, kwargs = as_inputs(inputs)
     holders = [n for n in graph.nodes if n.op == "placeholder"][len(args):]
     args = [*args, *(kwargs[p.target] if p.target in kwargs else (p.args[0] if p.args else None) for p in holders)]
