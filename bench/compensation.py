@@ -8,9 +8,13 @@
 3. the official Neuron Merging LeNet-300-100 checkpoint (``../shared/checkpoints``): prune / merge / lstsq /
    reconstruct (defaults) at ratios 0.5–0.8.
 
-Writes the ``compensation`` section of BENCHMARKS.md.
+Writes the ``compensation`` section of BENCHMARKS.md. With ``--vgg``: only the ``compensation-vgg16``
+section, from the report of ``prunekit reproduce compensation-vgg16-fmnist --checkpoint runs/nm-fmnist/vgg16/model
+--set 'sweep=[]' --json > runs/compensation-vgg16-fmnist/report.json`` (the quarter-width VGG-16 of
+``bench/nm_train_convnets.py``).
 
     .venv/bin/python bench/compensation.py --checkpoint runs/r20-fmnist/model [--reuse] [--repeats 3]
+    .venv/bin/python bench/compensation.py --vgg
 """
 from __future__ import annotations
 
@@ -95,22 +99,47 @@ def lenet_rows() -> list[list]:
     return rows
 
 
+def study_rows(report: dict) -> list[list]:
+    base = report["baseline_accuracy"]
+    return [[r["method"], r["ratio"], f"{100 * r['macs_reduction']:.1f} %", f"{r['accuracy']:.2f}",
+             f"{r['accuracy'] - base:+.2f}", r.get("finetune_epochs", 0)] for r in report["rows"]]
+
+
+HEADER = ["method", "ratio", "MACs removed", "accuracy", "Δ baseline", "fine-tune epochs"]
+
+
+def write_vgg() -> None:
+    report = json.loads((ROOT / "runs" / "compensation-vgg16-fmnist" / "report.json").read_text())
+    body = [(f"Quarter-width VGG-16 (`bench/nm_train_convnets.py`, 5 epochs) on Fashion-MNIST, baseline "
+            f"**{report['baseline_accuracy']:.2f} %**; general mode: every prunable group (13 convs + "
+            "classifier.0) at the ratio, l1-norm; **no fine-tuning** except the Torch-Pruning rows "
+            "(Torch-Pruning: every conv/linear but the classifier at the ratio); 1,000 unlabeled training "
+            "images. Study command: `prunekit reproduce compensation-vgg16-fmnist --checkpoint "
+            "runs/nm-fmnist/vgg16/model --set 'sweep=[]' --json`."), "",
+            markdown_table(HEADER, study_rows(report))]
+    write_section("compensation-vgg16", "Compensation without fine-tuning: quarter-width VGG-16 (CPU)",
+                  "\n".join(body))
+    print("\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--vgg", action="store_true", help="only the VGG-16 section, from its study report")
     ap.add_argument("--checkpoint", default="runs/r20-fmnist/model")
     ap.add_argument("--out", default=OUT)
     ap.add_argument("--reuse", action="store_true", help="read OUT/report.json instead of running the study")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
+    if args.vgg:
+        return write_vgg()
     report = run_study(args)
     if report.get("plot"):
         (ROOT / "docs" / "img").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(ROOT / report["plot"] if not Path(report["plot"]).is_absolute() else report["plot"],
                         ROOT / "docs" / "img" / "compensation-resnet20-fmnist.png")
     base = report["baseline_accuracy"]
-    rows = [[r["method"], r["ratio"], f"{100 * r['macs_reduction']:.1f} %", f"{r['accuracy']:.2f}",
-             f"{r['accuracy'] - base:+.2f}", r.get("finetune_epochs", 0)] for r in report["rows"]]
+    rows = study_rows(report)
     sweep = [[r["calibration"], f"{r['accuracy']:.2f}", f"{r['method_seconds']:.1f}"] for r in report["sweep"]]
     times = timing(args.checkpoint, args.repeats)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -121,8 +150,7 @@ def main() -> None:
             "**no fine-tuning** except the Torch-Pruning rows; 1,000 unlabeled training images; test set of "
             "10,000. Command of the study: `prunekit reproduce compensation-resnet20-fmnist --checkpoint "
             f"{args.checkpoint} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`."),
-            "", markdown_table(["method", "ratio", "MACs removed", "accuracy", "Δ baseline", "fine-tune epochs"],
-                               rows),
+            "", markdown_table(HEADER, rows),
             "", "Calibration-size sweep (`reconstruct`, ratio 0.5; seconds are single runs of the study):", "",
             markdown_table(["calibration images", "accuracy", "method s"], sweep),
             "", (f"Method time at ratio 0.5 and 1,000 images, {args.repeats} alternating repetitions in one process "
