@@ -370,3 +370,18 @@ def test_plain_prune_refuses_a_preset_it_would_ignore():
 
     with pytest.raises(ConfigError, match="does not take a preset"):
         get_method("prune")(create("lenet-300-100"), (1, 1, 28, 28), PruneOptions(method_options={"preset": "x"}))
+
+
+def test_forward_backward_selection_undoes_a_greedy_first_pick():
+    """y = x1 + x2 and x3 = x1 + x2 + small noise: forward selection of 2 takes x3 first and cannot be
+    exact; going one past and dropping the cheapest channel (OBS cost) ends at {x1, x2}, which is exact."""
+    from prunekit.compensate.greedy import select_channels
+
+    g = torch.Generator().manual_seed(15)
+    x1, x2 = torch.randn(500, 1, generator=g, dtype=torch.float64), torch.randn(500, 1, generator=g, dtype=torch.float64)
+    x3 = x1 + x2 + 0.05 * torch.randn(500, 1, generator=g, dtype=torch.float64)
+    u = torch.cat([x1, x2, x3, torch.ones(500, 1, dtype=torch.float64)], 1)
+    y = x1 + x2
+    stats = [(u.t() @ u, u.t() @ y, torch.arange(3)[:, None])]
+    assert 2 in select_channels(stats, 2)
+    assert select_channels(stats, 2, extra=0.5) == [0, 1]

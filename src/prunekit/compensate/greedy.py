@@ -14,6 +14,8 @@ per candidate; the statistics are gathered once.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -43,8 +45,27 @@ class _Deflated:
         return ((inv @ tb) * tb).sum((1, 2))
 
 
+def _removal_costs(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chosen: list[int],
+                   intercept: bool) -> torch.Tensor:
+    """(len(chosen),) error increase of dropping each chosen channel from the least-squares fit on all of them:
+    ``tr(W_bᵀ (G⁻¹)_bb⁻¹ W_b)`` with ``W = G⁻¹C`` on the chosen columns (the block form of OBS)."""
+    cost = torch.zeros(len(chosen), dtype=torch.float64)
+    for g, t, blocks in stats:
+        cols = torch.cat([blocks[c] for c in chosen] + ([torch.tensor([g.shape[0] - 1])] if intercept else []))
+        gs = g[cols][:, cols]
+        scale = float(torch.diagonal(gs).max().clamp_min(1e-300))
+        inv, _ = torch.linalg.inv_ex(gs + 1e-9 * scale * torch.eye(len(cols), dtype=gs.dtype))
+        w = inv @ t[cols]
+        k = blocks.shape[1]
+        for i in range(len(chosen)):
+            idx = torch.arange(i * k, (i + 1) * k)
+            a, _ = torch.linalg.inv_ex(inv[idx][:, idx])
+            cost[i] += float(((a @ w[idx]) * w[idx]).sum())
+    return cost
+
+
 def select_channels(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_keep: int,
-                    forced: list[int] = (), intercept: bool = True) -> list[int]:
+                    forced: list[int] = (), intercept: bool = True, extra: float = 0.0) -> list[int]:
     """Greedy channel selection (module docstring).
 
     Args:
@@ -53,6 +74,8 @@ def select_channels(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         n_keep: P, the number of channels to keep (forced ones included).
         forced: channels that must stay (protected).
         intercept: select the constant column first.
+        extra: select ``ceil(extra · n_keep)`` more channels forward, then drop that many again, each time the
+            one whose removal raises the error least (forward–backward selection).
 
     Returns:
         the kept channels, sorted.
@@ -74,10 +97,16 @@ def select_channels(stats: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         take(int(c))
     available = torch.ones(n, dtype=torch.bool)
     available[chosen] = False
-    while len(chosen) < min(n_keep, n):
+    target = min(n, n_keep + math.ceil(extra * n_keep))
+    while len(chosen) < target:
         gain = sum(state.gains(blocks) for state, (_, _, blocks) in zip(states, stats))
         gain = torch.where(available, gain, torch.full_like(gain, -float("inf")))
         c = int(gain.argmax())
         available[c] = False
         take(c)
+    fixed = {int(c) for c in forced}
+    while len(chosen) > max(n_keep, len(fixed)):
+        cost = _removal_costs(stats, chosen, intercept)
+        cost[[i for i, c in enumerate(chosen) if c in fixed]] = float("inf")
+        chosen.pop(int(cost.argmin()))
     return sorted(chosen)
