@@ -15,7 +15,8 @@ from ..errors import ConfigError
 from ..runtime import call, capture
 
 
-def _length(data: Any) -> int:
+def n_inputs(data: Any) -> int:
+    """How many inputs ``data`` holds (a tensor's or a dict's batch size, or ``len``)."""
     if isinstance(data, torch.Tensor):
         return data.shape[0]
     if isinstance(data, dict):
@@ -41,7 +42,7 @@ def calibration_inputs(data: Any, n: int, seed: int = 0) -> Any:
     """``n`` inputs (labels dropped) from a tensor, a dict of tensors, an ``ArrayDataset`` (vectorised
     ``get_batch``) or any map-style dataset of ``(x, y)`` / ``x`` samples: a seeded random subset without
     replacement, in index order. Dtypes are kept."""
-    total = _length(data)
+    total = n_inputs(data)
     if total < 1:
         raise ConfigError("the calibration data is empty")
     if n > total:
@@ -61,7 +62,7 @@ def calibration_inputs(data: Any, n: int, seed: int = 0) -> Any:
 
 def batches(inputs: Any, batch_size: int) -> Iterator[Any]:
     """Consecutive batches of at most ``batch_size`` inputs."""
-    total = _length(inputs)
+    total = n_inputs(inputs)
     for start in range(0, total, batch_size):
         yield take(inputs, slice(start, start + batch_size))
 

@@ -275,6 +275,11 @@ class _Consumer:
                         torch.arange(g * go, (g + 1) * go)))
         return out
 
+    @property
+    def taps(self) -> int:
+        """k: kernel positions per input channel (1 for Linear)."""
+        return int(np.prod(self.module.weight.shape[2:], dtype=np.int64))
+
     def prior(self, local_in: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
         """(D+1, O_g): the original weight on one block's kept inputs, with the original bias last."""
         w = self.module.weight.detach().double()[out_rows][:, local_in]
@@ -295,7 +300,7 @@ def _statistics(targets: Targets, compressed: nn.Module, c: _Consumer, n_train: 
     its original output (:class:`~prunekit.compensate.targets.Targets`), plus, with a ``skip``, the skip
     branch's drift mapped into its output space (:mod:`.residual`)."""
     blocks = c.blocks()
-    sizes = [len(b[0]) * int(np.prod(c.module.weight.shape[2:], dtype=np.int64)) for b in blocks]
+    sizes = [len(b[0]) * c.taps for b in blocks]
     train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
     val = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
     scale = output_scale(skip, targets.model) if skip is not None else None
@@ -327,7 +332,7 @@ def _statistics(targets: Targets, compressed: nn.Module, c: _Consumer, n_train: 
 
 
 def _check_gram_size(c: _Consumer, options: ReconstructOptions) -> None:
-    k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
+    k = c.taps
     d_max = max(len(b[0]) * k for b in c.blocks()) + 1
     need = 2 * d_max * d_max * 8 * c.groups
     if need > options.max_gram_bytes:
@@ -350,7 +355,7 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
     Every output row is refit (rows are independent); the ridge is chosen, and errors are reported, on the
     outputs the plan keeps (``kept_out``, bool over O; None: all)."""
     blocks = c.blocks()
-    k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
+    k = c.taps
     priors = [c.prior(b[0], b[2]) for b in blocks]
     kept = torch.ones(c.module.weight.shape[0], dtype=torch.bool) if kept_out is None else torch.from_numpy(kept_out)
     masks = [kept[b[2]] for b in blocks]
@@ -497,7 +502,7 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
         cache[m.module] = (train, val)
         full = _Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
                        train.rows + val.rows)
-        k = int(np.prod(c.module.weight.shape[2:], dtype=np.int64))
+        k = c.taps
         index_of = np.argsort(m.channel)  # input index of each group channel
         blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
         if options.weighted and (w := _downstream_weights(model, graph, m.module)) is not None:
@@ -562,8 +567,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
         _check_gram_size(c, options)
         if name in cached:  # gathered by the greedy selection, over all the group's channels
-            k = int(np.prod(module.weight.shape[2:], dtype=np.int64))
-            train, val = ([_restrict(s, c.keep, k)] for s in cached.pop(name))
+            train, val = ([_restrict(s, c.keep, c.taps)] for s in cached.pop(name))
         else:
             compressed = apply(model, graph, plan, verify=False)
             with eval_mode(model, compressed):

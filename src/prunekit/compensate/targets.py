@@ -21,7 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..runtime import call, capture, eval_mode
-from .calibration import batches
+from .calibration import batches, module_inputs, n_inputs
 from .residual import Skip, module_nodes, node_values
 
 
@@ -79,7 +79,7 @@ class Targets:
             self.skip_rows[name].append(output_rows(module, s, pos).float())
 
     def _gather(self, max_bytes: int) -> bool:
-        n_batches = -(-len_of(self.inputs) // self.batch_size)
+        n_batches = -(-n_inputs(self.inputs) // self.batch_size)
         with eval_mode(self.model):
             for b, xb in enumerate(batches(self.inputs, self.batch_size)):
                 outs, skips = self._record(self.model, self.names, xb)
@@ -109,20 +109,12 @@ class Targets:
         return self.rows[name][b], (self.skip_rows[name][b] if name in self.skip_rows else None)
 
 
-def len_of(inputs: Any) -> int:
-    if isinstance(inputs, dict):
-        return next(v.shape[0] for v in inputs.values() if isinstance(v, torch.Tensor))
-    return inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(inputs)
-
-
 def compressed_values(compressed: nn.Module, name: str, skip: Skip | None, fx_graph: fx.Graph | None,
                       xb: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Layer ``name``'s input in ``compressed`` on batch ``xb``, and the value of its skip branch (one pass,
     stopped right after what is needed)."""
     if skip is None or fx_graph is None:
-        with capture(compressed, [name], stop=True) as seen:
-            call(compressed, xb)
-        return seen[name], None
+        return module_inputs(compressed, [name], xb)[name], None
     node = module_nodes(fx_graph)[name]
     source = node.args[0]
     values = node_values(compressed, fx_graph, {source.name, skip.partner}, xb)
