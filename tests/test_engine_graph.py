@@ -195,7 +195,8 @@ class Odd(nn.Module):
         self.d, self.e = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 2, 1)
 
     def forward(self, x):
-        y = self.a(x)[:, :4].sum() + self.b(x).softmax(1).sum() + (self.c(x) @ self.c(x)).sum()
+        c = self.c(x).flatten(2)
+        y = self.a(x)[:, :4].sum() + self.b(x).softmax(1).sum() + (c.transpose(1, 2) @ c).sum()
         return self.e(F.interpolate(self.d(x), scale_factor=2.0)) + y
 
 
@@ -203,7 +204,7 @@ def test_shape_fixing_ops_protect_with_reasons():
     g = ChannelGraph.build(Odd(), (1, 3, 4, 4))
     why = {n: next(iter(g.group(n).blocked.values()), "") for n in "abc"}
     assert "fixed slice" in why["a"] and "normalises over the channel dim" in why["b"]
-    assert "matmul" in why["c"]
+    assert "matmul" in why["c"] and "contracts the channel dim" in why["c"]
     assert not g.group("d").protected  # interpolate is channel-wise
 
 

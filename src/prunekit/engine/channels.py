@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ROLES", "Chan", "Group", "Member", "TensorInfo"]
+__all__ = ["ROLES", "Chan", "Group", "HeadSplit", "Member", "TensorInfo"]
 
-#: member roles: producer rows, consumer columns, per-channel (norm) parameters
-ROLES = ("out", "in", "norm")
+#: member roles: producer rows, consumer columns, per-channel (norm) parameters, and a module's own
+#: parameter used functionally (``x + self.pos_embed``: sliced along ``Member.axis``)
+ROLES = ("out", "in", "norm", "param")
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,7 +64,10 @@ class TensorInfo:
 @dataclass
 class Member:
     """One module dimension in the graph. ``group[i]``/``channel[i]``: group id and group channel of
-    index ``i`` (-1 for protected source channels that belong to no group)."""
+    index ``i`` (-1 for protected source channels that belong to no group).
+
+    Role ``param``: parameter ``param`` of module ``module`` (e.g. a CLS token or position embedding,
+    used by functional ops rather than by a layer rule), indexed by channel along ``axis``."""
 
     module: str
     role: str
@@ -73,6 +77,13 @@ class Member:
     fresh: bool = False
     group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     channel: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    param: str | None = None
+    axis: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``module:role`` (``module.param:param`` for parameter members)."""
+        return f"{self.module}.{self.param}:param" if self.role == "param" else f"{self.module}:{self.role}"
 
     def __len__(self) -> int:
         return len(self.atoms)
@@ -82,7 +93,33 @@ class Member:
         return np.nonzero(self.group == group_id)[0]
 
     def __repr__(self) -> str:
-        return f"Member({self.module!r}, {self.role!r}, {self.kind}, {len(self)} channels)"
+        return f"Member({self.label!r}, {self.kind}, {len(self)} channels)"
+
+
+@dataclass
+class HeadSplit:
+    """A reshape that split a channel dim of H·D channels into (H, D): attention heads.
+
+    The D channels of a head become one channel (kept or removed whole); ``atoms`` (H,) are the heads'.
+    ``owner`` is the module whose forward reshaped (its head-count attributes follow a prune). After the
+    graph is built, ``group[h]`` / ``channel[h]`` locate head ``h`` (-1: protected, in no group).
+    ``kind="split"``: not heads but equal pieces of a ``split(size)`` (head_dim 1): only the owner's
+    width attributes equal to ``size`` follow.
+    """
+
+    owner: str | None
+    atoms: np.ndarray
+    head_dim: int
+    kind: str = "heads"
+    group: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    channel: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def heads(self) -> int:
+        return len(self.atoms)
+
+    def __len__(self) -> int:
+        return len(self.atoms)
 
 
 @dataclass
@@ -130,10 +167,10 @@ class Group:
     def __repr__(self) -> str:
         state = "protected" if self.protected else f"{len(self.prunable)}/{self.size} prunable"
         return (f"Group(#{self.id} {self.name!r}, {state}, mergeable={self.mergeable}, "
-                f"members={[f'{m.module}:{m.role}' for m in self.members]})")
+                f"members={[m.label for m in self.members]})")
 
     def summary(self) -> dict:
         return {"id": self.id, "name": self.name, "size": self.size, "prunable": len(self.prunable),
-                "members": [f"{m.module}:{m.role}" for m in self.members], "mergeable": self.mergeable,
+                "members": [m.label for m in self.members], "mergeable": self.mergeable,
                 "merge_reason": self.merge_reason,
                 "protected_reason": next(iter(self.blocked.values()), None) if self.protected else None}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .channels import Chan, Member, TensorInfo
+from .channels import Chan, HeadSplit, Member, TensorInfo
 
 __all__ = ["TraceContext"]
 
@@ -28,6 +28,7 @@ class TraceContext:
         self.blocked: dict[int, str] = {}
         self.tainted: dict[int, str] = {}
         self.members: dict[tuple[str, str], Member] = {}
+        self.head_splits: list[HeadSplit] = []
         self.protect = protect
 
     # -- union-find
@@ -112,9 +113,11 @@ class TraceContext:
             reason = f"input of '{owner}' comes from an untraced op"
         return Chan(dim, self.new_atoms(size, reason), np.zeros(size, dtype=np.int64))
 
-    def member(self, owner: str, role: str, kind: str, chan: Chan, fresh: bool = False) -> None:
-        """Register dimension ``role`` of module ``owner`` (a second call of a shared module couples)."""
-        key = (owner, role)
+    def member(self, owner: str, role: str, kind: str, chan: Chan, fresh: bool = False,
+               param: str | None = None) -> None:
+        """Register dimension ``role`` of module ``owner`` (a second call of a shared module couples);
+        role ``param``: ``owner``'s parameter ``param`` along ``chan.dim``."""
+        key = (owner if param is None else f"{owner}.{param}", role)
         old = self.members.get(key)
         if old is not None:
             if len(old) == len(chan):
@@ -122,9 +125,22 @@ class TraceContext:
             else:
                 self.block([old.atoms, chan.atoms], f"module '{owner}' is called on different channel layouts")
         else:
-            self.members[key] = Member(owner, role, kind, chan.atoms.copy(), chan.pos.copy(), fresh)
+            self.members[key] = Member(owner, role, kind, chan.atoms.copy(), chan.pos.copy(), fresh, param=param,
+                                       axis=chan.dim if param is not None else None)
         if role != "in" and owner in self.protect:
             self.block(chan, f"module '{owner}' is ignored")
+
+    def parameter(self, owner: str, name: str, shape: Sequence[int]) -> Chan | None:
+        """Layout of parameter ``owner.name`` read by a functional op (a CLS token, a position embedding,
+        a layer scale): channels on its last dim longer than 1 (protected unless an op ties them to a
+        group's channels, e.g. ``x + pos``); the parameter becomes a ``param`` member sliced with them."""
+        axes = [d for d, n in enumerate(shape) if n > 1]
+        if not axes:
+            return None
+        axis = axes[-1]
+        chan = Chan(axis, self.new_atoms(shape[axis]), np.zeros(shape[axis], dtype=np.int64))
+        self.member(owner, "param", "Parameter", chan, param=name)
+        return chan
 
     def consume(self, owner: str, kind: str, chan: Chan) -> None:
         self.member(owner, "in", kind, chan)
@@ -148,12 +164,14 @@ class TraceContext:
             self.taint(x.chan, reason)
         return x.chan.with_(raw=False)
 
-    def reshape(self, x: TensorInfo, out_shape: Sequence[int], where: str) -> Chan | None:
+    def reshape(self, x: TensorInfo, out_shape: Sequence[int], where: str, owner: str | None = None) -> Chan | None:
         """Layout after view/reshape/flatten/unflatten/squeeze/unsqueeze, derived from the shapes.
 
         Channel dim kept (possibly moved), merged with trailing dims (flatten: each channel owns a
-        contiguous block of k elements, ``pos`` = offset in the block), or split back from such a block.
-        Anything else (e.g. channel shuffle's (g, C/g) split) protects the channels.
+        contiguous block of k elements, ``pos`` = offset in the block), split back from such a block, or
+        split into (H, D) heads: the D consecutive channels of each head are tied into one channel
+        (a :class:`HeadSplit` is recorded for ``owner``, the module doing it). Anything else (a split
+        whose outer part is not leading) protects the channels.
         """
         c = x.chan
         if c is None or not isinstance(out_shape, (tuple, list, torch.Size)):
@@ -176,12 +194,22 @@ class TraceContext:
                     A, P = c.atoms.reshape(size, k), c.pos.reshape(size, k)
                     if (A == A[:, :1]).all() and (P == (P[:, :1] // k) * k + np.arange(k)).all():
                         return c.with_(dim=d, atoms=A[:, 0].copy(), pos=P[:, 0] // k)
+                    return self._split_heads(c, d, size, k, owner)
                 break
             acc *= size
             if acc > outer:
                 break
         self.block(c, f"{where} reshapes the channel dim ({tuple(ins)} → {tuple(outs)})")
         return None
+
+    def _split_heads(self, c: Chan, dim: int, heads: int, head_dim: int, owner: str | None) -> Chan:
+        """(H·D) channels → H heads of D: tie each head's D channels (and positions) into one."""
+        A = c.atoms.reshape(heads, head_dim)
+        for j in range(1, head_dim):
+            self.unify(A[:, j], A[:, 0])
+        atoms = A[:, 0].copy()
+        self.head_splits.append(HeadSplit(owner, atoms, head_dim))
+        return Chan(dim, atoms, np.zeros(heads, dtype=np.int64), raw=False)
 
     def softmax(self, x: TensorInfo, dim: Any, where: str) -> Chan | None:
         c = x.chan

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -34,7 +35,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..runtime import as_inputs, eval_mode
 from .capture import capture_graph, has_rule, is_leaf
-from .channels import ROLES, Chan, Group, Member, TensorInfo
+from .channels import ROLES, Chan, Group, HeadSplit, Member, TensorInfo
 from .context import TraceContext
 from .rules import find_rule
 from .walker import Walker
@@ -82,9 +83,11 @@ class ChannelGraph:
     """
 
     def __init__(self, groups: list[Group], members: list[Member], mode: str, ignored: list[str],
-                 example_inputs: tuple[tuple, dict], output_shapes: Any, module_kinds: dict[str, str]):
+                 example_inputs: tuple[tuple, dict], output_shapes: Any, module_kinds: dict[str, str],
+                 head_splits: list[HeadSplit] | None = None):
         self.groups, self.members, self.mode, self.ignored = groups, members, mode, ignored
         self.example_inputs, self.output_shapes, self.module_kinds = example_inputs, output_shapes, module_kinds
+        self.head_splits = head_splits or []
 
     # -- construction
     @classmethod
@@ -103,7 +106,7 @@ class ChannelGraph:
         """
         if capture not in ("auto", "fx", "export"):
             raise ConfigError(f"capture must be 'auto', 'fx' or 'export', got {capture!r}")
-        args, kwargs = as_inputs(example_inputs)
+        args, kwargs = _without_cache(model, *as_inputs(example_inputs))
         names = resolve_modules(model, ignored, "ignored")
         leaves = set(resolve_modules(model, leaf_modules, "leaf_modules"))
         protect: set[str] = set()
@@ -168,8 +171,8 @@ class ChannelGraph:
                 gid = group_of_comp[c]
                 channel_of_root[x] = (gid, sizes[gid])
                 sizes[gid] += 1
-        for m in members:
-            pairs = [channel_of_root.get(x, (-1, -1)) for x in roots[id(m)].tolist()]
+        for m in [*members, *ctx.head_splits]:
+            pairs = [channel_of_root.get(int(x), (-1, -1)) for x in root[np.asarray(m.atoms, dtype=np.int64)].tolist()]
             m.group = np.array([p[0] for p in pairs], dtype=np.int64)
             m.channel = np.array([p[1] for p in pairs], dtype=np.int64)
         gblocked: list[dict[int, str]] = [{} for _ in sizes]
@@ -190,7 +193,7 @@ class ChannelGraph:
             group.merge_reason = _merge_reason(group, gtaint[gid], model)
             group.mergeable = group.merge_reason is None
             groups.append(group)
-        return cls(groups, members, mode, ignored, inputs, out_shapes, kinds)
+        return cls(groups, members, mode, ignored, inputs, out_shapes, kinds, ctx.head_splits)
 
     # -- queries
     def group(self, key: int | str) -> Group:
@@ -223,13 +226,25 @@ class ChannelGraph:
             state = "protected" if g.protected else f"{len(g.prunable)}/{g.size} prunable"
             merge = "mergeable" if g.mergeable else f"prune-only ({g.merge_reason})"
             why = f" [{next(iter(g.blocked.values()))}]" if g.blocked else ""
-            mem = ", ".join(f"{m.module}:{m.role}" for m in g.members)
+            mem = ", ".join(m.label for m in g.members)
             rows.append(f"  #{g.id} {g.name}: {state}, {merge}{why}\n      {mem}")
         return "\n".join(rows)
 
     def __repr__(self) -> str:
         return (f"ChannelGraph(mode={self.mode!r}, groups={len(self.groups)}, "
                 f"prunable={len(self.prunable_groups)})")
+
+
+def _without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Decoders (``transformers``' ``*ForCausalLM``, T5, ...) return a key/value cache object by default;
+    the trace (and surgery's check) runs them with ``use_cache=False`` unless the caller chose."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return args, kwargs
+    if "use_cache" in params and "use_cache" not in kwargs and list(params).index("use_cache") >= len(args):
+        kwargs = {**kwargs, "use_cache": False}
+    return args, kwargs
 
 
 def _merge_reason(group: Group, taints: list[str], model: nn.Module) -> str | None:

@@ -49,11 +49,35 @@ def register_layer(module_type: type, rule: LayerRule, *, overwrite: bool = Fals
     return rule
 
 
+_BY_NAME: dict[str, LayerRule] = {}
+_BY_SUFFIX: list[tuple[str, tuple[str, ...], LayerRule]] = []
+
+
+def register_layer_name(qualified_name: str, rule: LayerRule) -> LayerRule:
+    """Register ``rule`` for the class ``"package.module.ClassName"`` without importing it (rules for
+    optional libraries such as ``transformers.pytorch_utils.Conv1D``)."""
+    LAYER_RULES.register(qualified_name, rule, overwrite=True)
+    _BY_NAME[qualified_name] = rule
+    return rule
+
+
+def register_layer_suffix(suffix: str, rule: LayerRule, *, exclude: tuple[str, ...] = ()) -> LayerRule:
+    """Register ``rule`` for every class whose name ends with ``suffix`` (and contains none of
+    ``exclude``), e.g. the ~200 ``*RMSNorm`` copies in ``transformers``; exact registrations win."""
+    _BY_SUFFIX.append((suffix, exclude, rule))
+    return rule
+
+
 def find_rule(module_type: type) -> LayerRule | None:
-    """The rule registered for ``module_type`` or its nearest registered base class."""
+    """The rule registered for ``module_type`` or its nearest registered base class (by type, then by
+    qualified class name, then by class-name suffix)."""
     for t in module_type.__mro__:
-        rule = _BY_TYPE.get(t)
+        rule = _BY_TYPE.get(t) or _BY_NAME.get(f"{t.__module__}.{t.__qualname__}")
         if rule is not None:
+            return rule
+    name = module_type.__name__
+    for suffix, exclude, rule in _BY_SUFFIX:
+        if name.endswith(suffix) and not any(e in name for e in exclude):
             return rule
     return None
 
@@ -313,21 +337,29 @@ class LinearRule(WeightRule):
     def trace(self, ctx, name, module, inputs, out_shape):
         x = inputs[0]
         kind = type(module).__name__
-        chan = ctx.channels(x, len(x.shape) - 1, module.in_features, name)
+        chan = ctx.channels(x, len(x.shape) - 1, getattr(module, self.IN_ATTR), name)
         ctx.consume(name, kind, chan)
-        return ctx.produce(name, kind, module.out_features, dim=len(out_shape) - 1, ndim=len(out_shape))
+        return ctx.produce(name, kind, getattr(module, self.OUT_ATTR), dim=len(out_shape) - 1,
+                           ndim=len(out_shape))
 
     def can_merge_in(self, m):
         return True
 
     def merge_in(self, m, E):
-        w = m.weight.detach()
+        w = m.weight.detach().movedim(self.OUT_DIM, 0)  # (O, I)
         if E.is_sparse:  # flatten → Linear: E = M ⊗ I_HW can be large, keep it sparse
             new = torch.sparse.mm(E.t().to(device=w.device, dtype=w.dtype).coalesce(), w.t()).t()
         else:
             new = w @ E.to(w)
-        _set_param(m, "weight", new)
-        m.in_features = E.shape[1]
+        _set_param(m, "weight", new.movedim(0, self.OUT_DIM))
+        setattr(m, self.IN_ATTR, E.shape[1])
+
+
+class TransposedLinearRule(LinearRule):
+    """``transformers``' ``Conv1D`` (GPT-2, GPT): a linear layer with weight (I, O) and sizes ``nx``/``nf``."""
+
+    OUT_DIM, IN_DIM = 1, 0
+    OUT_ATTR, IN_ATTR = "nf", "nx"
 
 
 class EmbeddingRule(LayerRule):
@@ -479,31 +511,55 @@ class LayerNormRule(ChannelWiseRule):
 
     Removing a channel changes the statistics of the others (pruning, not masking). A LayerNorm over
     more dims than the channel dim is refused (its channels are protected). One over trailing
-    non-channel dims only (e.g. over W of N×C×H×W) passes channels through.
+    non-channel dims only (e.g. over W of N×C×H×W) passes channels through. A *channels-first* subclass
+    (``data_format == "channels_first"``, ConvNeXt; or a subclass fed N×C×H×W whose last dim is not C)
+    normalises dim 1.
     """
 
-    def __init__(self):
-        super().__init__(params=("weight", "bias"), dim=-1, scale_param="weight")
+    def __init__(self, params: Sequence[str] = ("weight", "bias")):
+        super().__init__(params=params, dim=-1, scale_param="weight")
+
+    @staticmethod
+    def _shape(module, x) -> tuple[int, ...]:
+        shape = getattr(module, "normalized_shape", None)
+        if shape is None:
+            w = getattr(module, "weight", None)
+            shape = (w.shape[0],) if w is not None and w.dim() == 1 else (x.shape[-1],)
+        return tuple(shape)
+
+    @staticmethod
+    def _channels_first(module, x, size: int) -> bool:
+        fmt = getattr(module, "data_format", None)
+        if fmt is not None:
+            return fmt == "channels_first"
+        return (type(module) is not nn.LayerNorm and len(x.shape) > 2 and x.shape[-1] != size
+                and x.shape[1] == size)
 
     def trace(self, ctx, name, module, inputs, out_shape):
         x = inputs[0]
-        nd, k = len(x.shape), len(module.normalized_shape)
+        shape = self._shape(module, x)
+        nd, k, kind = len(x.shape), len(shape), type(module).__name__
         c = x.chan
-        if c is not None and c.dim < nd - k:  # normalises non-channel dims only
-            ctx.taint(c, f"LayerNorm '{name}' is not positively homogeneous")
+        dim = 1 if k == 1 and self._channels_first(module, x, shape[0]) else nd - 1
+        if c is not None and dim == nd - 1 and c.dim < nd - k:  # normalises non-channel dims only
+            ctx.taint(c, f"{kind} '{name}' is not positively homogeneous")
             return c.with_(raw=False)
         if k != 1:
-            ctx.block(x, f"LayerNorm '{name}' normalises over {tuple(module.normalized_shape)}, "
-                         "channels and other dims together")
+            ctx.block(x, f"{kind} '{name}' normalises over {shape}, channels and other dims together")
             return None
-        chan = ctx.channels(x, nd - 1, module.normalized_shape[0], name)
-        ctx.member(name, "norm", type(module).__name__, chan)
-        ctx.taint(chan, f"LayerNorm '{name}' is not positively homogeneous")
+        chan = ctx.channels(x, dim, shape[0], name)
+        ctx.member(name, "norm", kind, chan)
+        ctx.taint(chan, f"{kind} '{name}' is not positively homogeneous")
         return chan.with_(raw=False)
+
+    def size(self, m, role):
+        w = getattr(m, "weight", None)
+        return None if w is None else w.shape[0]
 
     def prune(self, m, role, idx):
         super().prune(m, role, idx)
-        m.normalized_shape = (len(idx),)
+        if hasattr(m, "normalized_shape"):
+            m.normalized_shape = (len(idx),)
 
 
 class PReLURule(ChannelWiseRule):
@@ -606,6 +662,12 @@ def _register_builtins() -> None:
         register_layer(t, bn)
     register_layer(nn.GroupNorm, GroupNormRule())
     register_layer(nn.LayerNorm, LayerNormRule())
+    rms = LayerNormRule(params=("weight",))  # RMSNorm: y = x / rms(x) · γ over the last dim
+    if hasattr(nn, "RMSNorm"):
+        register_layer(nn.RMSNorm, rms)
+    register_layer_suffix("RMSNorm", rms, exclude=("Gated",))  # transformers' Llama/Mistral/Qwen2/... norms
+    register_layer_suffix("T5LayerNorm", rms)  # T5, mT5, LongT5: RMS norm under another name
+    register_layer_name("transformers.pytorch_utils.Conv1D", TransposedLinearRule())
     register_layer(nn.PReLU, PReLURule())
     ph = PassRule(ph=True)
     for t in (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,

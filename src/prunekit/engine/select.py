@@ -99,6 +99,10 @@ def resolve_overrides(graph: ChannelGraph, overrides: Mapping[str, float] | None
                               f"'{next(iter(owners), 'conv1')}'")
         for n in hits:
             gid = owners[n]
+            group = graph.groups[gid]
+            if group.protected and r > 0:
+                raise ConfigError(f"override '{key}' asks to prune '{n}', but its channel group "
+                                  f"'{group.name}' is protected: {next(iter(group.blocked.values()))}")
             if gid in out and out[gid] != r:
                 raise ConfigError(f"overrides give group '{graph.groups[gid].name}' two ratios "
                                   f"({out[gid]} and {r}, via '{n}')")

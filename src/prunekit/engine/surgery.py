@@ -26,10 +26,12 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..runtime import eval_mode
+from .adapters import find_ties, head_attributes, retie, set_attributes, slice_parameter
 from .capture import shape_tree as _shape_tree
 from .channels import Member
 from .errors import PlanError, SurgeryError
 from .graph import ChannelGraph
+from .hf_config import is_hf_model, set_config, sync_config
 from .masks import keep_masks, member_keep
 from .plan import Plan, PruneRecord
 from .rules import find_rule
@@ -91,9 +93,18 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     pm = keep_masks(graph, plan)
     masks, merges = pm.masks, pm.merges
     new = copy.deepcopy(model)
+    ties = find_ties(new)
     step: dict[str, dict[str, Any]] = {}
     for m in graph.members:
         module = new.get_submodule(m.module)
+        if m.role == "param":
+            keep = member_keep(m, masks)
+            if not keep.all():
+                idx = torch.from_numpy(np.nonzero(keep)[0])
+                slice_parameter(module, m.param, m.axis, idx)
+                entry = step.setdefault(m.module, {"type": type(module).__name__})
+                entry[f"param:{m.param}:{m.axis}"] = idx.tolist()
+            continue
         rule = find_rule(type(module))
         if rule is None:  # pragma: no cover - members only exist for modules with rules
             continue
@@ -113,6 +124,13 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
         entry[m.role] = idx.tolist()
     for refit in plan.refits:
         _apply_refit(new, graph, masks, refit)
+    for owner, attrs in head_attributes(new, graph, masks).items():
+        step.setdefault(owner, {"type": type(new.get_submodule(owner)).__name__})["attrs"] = attrs
+        set_attributes(new.get_submodule(owner), attrs)
+    retie(new, ties)
+    config = sync_config(new, graph, masks)
+    if config:
+        step.setdefault("", {"type": type(new).__name__})["config"] = config
     shapes = {name: _module_shapes(new.get_submodule(name)) for name in step}
     base = getattr(model, "prunekit_record", None)
     base = base if isinstance(base, PruneRecord) else PruneRecord()
@@ -190,7 +208,12 @@ def mask(model: nn.Module, graph: ChannelGraph, plan: Plan) -> nn.Module:
         drop = ~member_keep(m, masks)
         if drop.any():
             module = new.get_submodule(m.module)
-            find_rule(type(module)).zero(module, m.role, torch.from_numpy(np.nonzero(drop)[0]))
+            idx = torch.from_numpy(np.nonzero(drop)[0])
+            if m.role == "param":
+                with torch.no_grad():
+                    getattr(module, m.param).index_fill_(m.axis, idx, 0)
+            else:
+                find_rule(type(module)).zero(module, m.role, idx)
     return new
 
 
@@ -211,6 +234,7 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
             record = PruneRecord.from_json(record)
         except (PlanError, ValueError, TypeError) as e:
             raise CheckpointError(f"prune_record is unreadable: {e}") from e
+    ties = find_ties(model)
     for i, step in enumerate(record.steps):
         for name, entry in step.items():
             try:
@@ -220,6 +244,12 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
             if type(module).__name__ != entry.get("type"):
                 raise CheckpointError(f"prune_record step {i}: module '{name}' is {type(module).__name__}, "
                                       f"the record says {entry.get('type')}")
+            _replay_parameters(module, name, entry, i)
+            set_attributes(module, entry.get("attrs") or {})
+            if entry.get("config") and is_hf_model(module):
+                set_config(module, entry["config"])
+            if not any(role in entry for role in ("out", "in", "norm")):
+                continue
             rule = find_rule(type(module))
             if rule is None:
                 raise CheckpointError(f"prune_record step {i}: module '{name}' ({type(module).__name__}) has "
@@ -233,6 +263,7 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
                     raise CheckpointError(f"prune_record step {i}: indices for '{name}' ({role}) exceed its "
                                           f"{size} channels")
                 rule.prune(module, role, idx)
+    retie(model, ties)
     for name, shapes in record.shapes.items():
         have = _module_shapes(model.get_submodule(name))
         for t, shape in shapes.items():
@@ -241,6 +272,18 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
                                       f"the record says {shape}")
     model.prunekit_record = record
     return model
+
+
+def _replay_parameters(module: nn.Module, name: str, entry: dict, step: int) -> None:
+    """Replay the ``param:<attr>:<axis>`` entries of a record step (functionally used parameters)."""
+    for key, idx in entry.items():
+        if not key.startswith("param:"):
+            continue
+        _, attr, axis = key.split(":")
+        p = getattr(module, attr, None)
+        if not isinstance(p, torch.Tensor) or p.dim() <= int(axis) or (idx and max(idx) >= p.shape[int(axis)]):
+            raise CheckpointError(f"prune_record step {step}: parameter '{name}.{attr}' does not fit the record")
+        slice_parameter(module, attr, int(axis), torch.as_tensor(idx, dtype=torch.long))
 
 
 def load_hook(model: nn.Module, value: Any) -> nn.Module:

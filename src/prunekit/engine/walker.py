@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from .channels import Chan, TensorInfo
+from .channels import Chan, HeadSplit, TensorInfo
 from .context import TraceContext
 from .errors import UnsupportedLayerError
 from .ops import (
@@ -38,6 +38,20 @@ from .ops import (
 from .rules import find_rule
 
 __all__ = ["Walker"]
+
+#: batched matrix products: batch dims carry channels, the contracted dim protects them
+MATMUL = {"matmul", "bmm", "mm"}
+SDPA = {"scaled_dot_product_attention"}
+
+
+def _owner(node: fx.Node) -> str | None:
+    """The module whose forward ran ``node`` (capture sets ``meta["module"]``; export's module stack)."""
+    owner = node.meta.get("module")
+    if owner is None:
+        stack = node.meta.get("nn_module_stack") or {}
+        if stack:
+            owner = list(stack.values())[-1][0]
+    return owner
 
 
 class Walker:
@@ -99,13 +113,27 @@ class Walker:
                 else:
                     self.vals[node] = None
             elif node.op == "get_attr":
-                self.vals[node] = None
+                self.vals[node] = self.get_attr(node)
             elif node.op == "call_module":
                 self.vals[node] = self.call_module(node)
             elif node.op in ("call_function", "call_method"):
                 self.vals[node] = self.call_op(node)
             elif node.op == "output":
                 self.ctx.block(self.val(node.args[0]), "feeds the model output")
+
+    def get_attr(self, node: fx.Node) -> Chan | None:
+        """A model parameter read by a functional op gets its own channels (see TraceContext.parameter)."""
+        target, shape = str(node.target), self.shapes.get(node)
+        if not is_shape(shape) or "." not in target and not hasattr(self.model, target):
+            return None
+        try:
+            value = self.model.get_parameter(target)
+        except (AttributeError, TypeError):
+            return None
+        owner, _, attr = target.rpartition(".")
+        if not isinstance(value, nn.Parameter):
+            return None
+        return self.ctx.parameter(owner, attr, tuple(shape))
 
     def call_module(self, node: fx.Node) -> Any:
         name = str(node.target)
@@ -135,6 +163,8 @@ class Walker:
         ctx = self.ctx
         if name == "getitem":
             return self.getitem(node, where)
+        if name == "setitem":
+            return self.setitem(node, where)
         if name in NONTENSOR and not is_shape(out_shape):
             return None
         if out_shape is None:  # e.g. a dataclass built from tensors: its fields are protected
@@ -152,7 +182,18 @@ class Walker:
             return None
         c = x.chan
         if name in RESHAPE:
-            return ctx.reshape(x, out_shape, where)
+            return ctx.reshape(x, out_shape, where, owner=_owner(node))
+        if name in MATMUL:
+            return self.matmul(node, name, out_shape, where)
+        if name in SDPA:
+            return self.attention(node, out_shape, where)
+        if name == "roll":
+            dims = node_arg(node, 2, "dims", None)
+            dims = [dims] if isinstance(dims, int) else list(dims or [])
+            if not dims or c.dim in {d % len(x.shape) for d in dims}:
+                ctx.block(c, f"{where} rolls the channel dim")
+                return None
+            return c
         if name in ("expand", "expand_as", "broadcast_to"):
             d = c.dim + len(out_shape) - len(x.shape)
             return c.with_(dim=d) if out_shape[d] == len(c) else None
@@ -271,12 +312,95 @@ class Walker:
                     self.ctx.block(c, f"{where} selects a single channel")
                     return None
                 d_in += 1
+            elif isinstance(item, fx.Node) and is_shape(self.shapes.get(item)) and d_in != c.dim \
+                    and sum(isinstance(i, fx.Node) for i in items) == 1:  # one integer index tensor
+                d_in += 1
+                d_out += len(self.shapes[item])
             else:
                 self.ctx.block(c, f"{where} uses advanced indexing")
                 return None
         if result is None:
             result = d_out + c.dim - d_in
         return c.with_(dim=result)
+
+    def setitem(self, node: fx.Node, where: str) -> Chan | None:
+        """``x[idx] = value``: ``x`` keeps its channels (not positively homogeneous); a traced value
+        written into it protects both."""
+        x, value = self.info(node.args[0]), self.info(node.args[2]) if len(node.args) > 2 else None
+        if value is not None and value.chan is not None:
+            self.ctx.block([value, x], f"{where} writes traced channels into a tensor")
+            return None
+        if x is None or x.chan is None:
+            return None
+        self.ctx.taint(x.chan, f"{where} overwrites part of the tensor")
+        return x.chan
+
+    def matmul(self, node: fx.Node, name: str, out_shape: Any, where: str) -> Chan | None:
+        """``a @ b`` for a (…, n, k), b (…, k, m): channels on batch dims are tied across the operands
+        (attention heads: q·kᵀ, p·v), a's on n and b's on m pass to the output, the contracted k
+        protects them (a fixed weight would have to shrink)."""
+        ctx = self.ctx
+        a, b = self.info(node.args[0]), self.info(node.args[1]) if len(node.args) > 1 else None
+        if a is None or b is None or not is_shape(out_shape) or len(a.shape) < 2 or len(b.shape) < 2:
+            self.block_all(node, f"consumed by {where}")
+            return None
+        n = len(out_shape)
+        placed: list[tuple[int, TensorInfo]] = []
+        for t, contracted, kept in ((a, -1, -2), (b, -2, -1)):
+            if t.chan is None:
+                continue
+            nd = len(t.shape)
+            if t.chan.dim == nd + contracted:
+                ctx.block(t, f"{where} contracts the channel dim")
+            else:
+                placed.append((n + kept if t.chan.dim == nd + kept else t.chan.dim + n - nd, t))
+        if not placed:
+            return None
+        d, ref = placed[0]
+        for d2, t in placed[1:]:
+            if d2 == d and len(t.chan) == len(ref.chan):
+                ctx.unify(ref.chan.atoms, t.chan.atoms)
+            else:
+                ctx.block([ref, t], f"{where} multiplies tensors whose channels are on different dims")
+                return None
+        if d < n - 2:  # a batch dim: the other operand must carry it too or broadcast it
+            for t in (a, b):
+                td = d - (n - len(t.shape))
+                if t.chan is None and td >= 0 and t.shape[td] > 1:
+                    ctx.block(ref, f"{where} combines channels with a fixed tensor of shape {tuple(t.shape)}")
+                    return None
+        ctx.taint(ref, f"{where} multiplies channels by other traced values")
+        return Chan(d, ref.chan.atoms, ref.chan.pos, raw=False)
+
+    def attention(self, node: fx.Node, out_shape: Any, where: str) -> Chan | None:
+        """``scaled_dot_product_attention(q, k, v, attn_mask, ..., enable_gqa)``: heads (dim −3) of q, k
+        and v are tied; with grouped-query attention (H_q = g·H_kv) kv head j is tied to query heads
+        j·g … j·g+g−1, so a kv head and the query heads that share it are removed together."""
+        ctx = self.ctx
+        q, k, v = (self.info(node_arg(node, i, key)) for i, key in enumerate(("query", "key", "value")))
+        mask = self.info(node_arg(node, 3, "attn_mask"))
+        if q is None or k is None or v is None or not is_shape(out_shape):
+            self.block_all(node, f"consumed by {where}")
+            return None
+        heads = q.shape[-3] if len(q.shape) >= 3 else 1
+        ok = q.chan is not None and len(q.shape) >= 3 and q.chan.dim == len(q.shape) - 3
+        for t in (k, v):
+            ok = ok and len(t.shape) >= 3 and (t.chan is None and t.shape[-3] == 1 or t.chan is not None
+                                                and t.chan.dim == len(t.shape) - 3 and heads % len(t.chan) == 0)
+        if mask is not None and len(mask.shape) >= 3:
+            ok = ok and (mask.chan is None and mask.shape[-3] == 1 or mask.chan is not None
+                         and mask.chan.dim == len(mask.shape) - 3 and len(mask.chan) == heads)
+        elif mask is not None and mask.chan is not None:
+            ok = False
+        if not ok:
+            self.block_all(node, f"{where} does not read its inputs as (…, heads, tokens, head_dim)")
+            return None
+        for t in (k, v, mask):
+            if t is not None and t.chan is not None:
+                chan = t.chan if len(t.chan) == heads else t.chan.repeat(heads // len(t.chan))
+                ctx.unify(q.chan.atoms, chan.atoms)
+        ctx.taint(q.chan, f"{where} is not positively homogeneous")
+        return Chan(len(out_shape) - 3, q.chan.atoms, q.chan.pos, raw=False)
 
     def slice(self, node: fx.Node, name: str, x: TensorInfo, where: str) -> Chan | None:
         c = x.chan
@@ -409,8 +533,11 @@ class Walker:
         sizes = [s[dim] for s in out_shape]
         arg = node_arg(node, 1, "chunks" if "chunk" in name else "split_size", None)
         chunk_like = "chunk" in name or (name in ("split", "unsafe_split") and isinstance(arg, fx.Node))
-        if chunk_like and len(set(sizes)) == 1 and sum(sizes) == len(c):
+        fixed = name in ("split", "unsafe_split") and isinstance(arg, int)
+        if (chunk_like or fixed) and len(set(sizes)) == 1 and sum(sizes) == len(c):
             n = sizes[0]
+            if fixed:  # split(size): the owner's attribute holding `size` follows (GPT-2's split_size)
+                self.ctx.head_splits.append(HeadSplit(_owner(node), c.atoms[:n].copy(), 1, kind="split"))
             for i in range(1, len(sizes)):
                 self.ctx.unify(c.atoms[i * n:(i + 1) * n], c.atoms[:n])
             return tuple(c.with_(atoms=c.atoms[i * n:(i + 1) * n], pos=c.pos[i * n:(i + 1) * n])
