@@ -700,7 +700,9 @@ def _register_builtins() -> None:
     register_layer(nn.PixelShuffle, BlockRule("moves channels into space"))
     register_layer(nn.PixelUnshuffle, BlockRule("moves space into channels"))
     register_layer(nn.MultiheadAttention, RefuseRule(
-        "is multi-head attention, which the engine does not prune (heads must shrink together)"))
+        "ties its head width to its input width (embed_dim), so neither its heads nor the hidden size it "
+        "reads can shrink inside it (attention written with nn.Linear + F.scaled_dot_product_attention "
+        "prunes by heads)"))
 
 
 _register_builtins()
