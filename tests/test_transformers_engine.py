@@ -170,3 +170,16 @@ def test_head_groups_score_the_sum_of_their_rows():
     expected = sum(lin.weight.detach().abs().sum(1).view(4, 16).sum(1).double()
                    for lin in (attn.query, attn.key, attn.value))
     np.testing.assert_allclose(scores.numpy(), expected.numpy(), rtol=1e-6)
+
+
+def test_t5_shared_embedding_couples_encoder_and_decoder_hidden_size():
+    """T5's encoder and decoder read one embedding: their hidden sizes are one group, which the encoder's
+    output (``encoder_last_hidden_state``, a model output) protects; heads and MLP still shrink."""
+    model, x = build("t5")
+    graph = ChannelGraph.build(model, x)
+    enc = graph.group("encoder.embed_tokens")
+    assert enc is graph.group("decoder.embed_tokens") and enc.protected
+    small = prunekit.prune(model, x, ratio=0.5)
+    assert small.encoder.embed_tokens.weight is small.decoder.embed_tokens.weight
+    assert small.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 64
+    assert logits(small, x).shape == logits(model, x).shape

@@ -102,10 +102,11 @@ class ChannelGraph:
                 outputs are protected too).
             leaf_modules: modules not traced into (opaque: inputs and outputs protected), e.g. a block
                 with data-dependent control flow.
-            capture: ``"auto"`` (torch.fx, then torch.export), ``"fx"`` or ``"export"``.
+            capture: ``"auto"`` (torch.fx, then a recorded real run, then torch.export), ``"fx"``,
+                ``"record"`` or ``"export"``.
         """
-        if capture not in ("auto", "fx", "export"):
-            raise ConfigError(f"capture must be 'auto', 'fx' or 'export', got {capture!r}")
+        if capture not in ("auto", "fx", "record", "export"):
+            raise ConfigError(f"capture must be 'auto', 'fx', 'record' or 'export', got {capture!r}")
         args, kwargs = _without_cache(model, *as_inputs(example_inputs))
         names = resolve_modules(model, ignored, "ignored")
         leaves = set(resolve_modules(model, leaf_modules, "leaf_modules"))
@@ -127,6 +128,7 @@ class ChannelGraph:
             opaque = {str(n.target) for n in graph.nodes if n.op == "call_module" and str(n.target) in leaves}
             walker = Walker(model, graph, shapes, ctx, opaque, mode)
             walker.run()
+            _couple_tied_parameters(ctx, model)
         kinds = {n: type(m).__name__ for n, m in model.named_modules()}
         return cls._finalize(ctx, mode, names, (args, kwargs), out_shapes, kinds, model)
 
@@ -233,6 +235,41 @@ class ChannelGraph:
     def __repr__(self) -> str:
         return (f"ChannelGraph(mode={self.mode!r}, groups={len(self.groups)}, "
                 f"prunable={len(self.prunable_groups)})")
+
+
+def _couple_tied_parameters(ctx: TraceContext, model: nn.Module) -> None:
+    """A parameter shared by several modules (tied input/output embeddings, an encoder and a decoder
+    sharing one embedding) is sliced once for all: per dim of the parameter, the channels every traced
+    module sharing it slices are coupled; a dim only some of them slice (W and Wᵀ, a tied output layer's
+    vocabulary) is protected."""
+    ties = _tie_names(model)
+    tie_of = {n: i for i, names in enumerate(ties) for n in names}
+    found: list[list[tuple[int, Member]]] = [[] for _ in ties]
+    for m in ctx.members.values():
+        module = model.get_submodule(m.module)
+        rule = find_rule(type(module)) if m.role != "param" else None
+        for pname, dim in (rule.param_dims(module, m.role) if rule else {}).items():
+            i = tie_of.get(f"{m.module}.{pname}")
+            if i is not None:
+                found[i].append((dim, m))
+    for names, uses in zip(ties, found):
+        owners = {m.module for _, m in uses}  # traced modules that own the tied parameter
+        for dim in sorted({d for d, _ in uses}):
+            on_dim = [m for d, m in uses if d == dim]
+            if {m.module for m in on_dim} != owners or len({len(m) for m in on_dim}) > 1:
+                ctx.block([m.atoms for m in on_dim], f"tied parameter '{names[0]}' is sliced on dim {dim} by "
+                                                     "some of the modules sharing it only")
+                continue
+            for m in on_dim[1:]:
+                ctx.unify(on_dim[0].atoms, m.atoms)
+
+
+def _tie_names(model: nn.Module) -> list[list[str]]:
+    """Names of each parameter registered under several names."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [ns for ns in by_id.values() if len(ns) > 1]
 
 
 def _without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

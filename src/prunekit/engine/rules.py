@@ -184,6 +184,10 @@ class LayerRule:
         """Per-channel scale (|γ| for bn-scale) or None when the module has none."""
         return None
 
+    def param_dims(self, module: nn.Module, role: str) -> dict[str, int]:
+        """``{parameter name: dim}`` that pruning ``role`` slices (tied parameters couple channels)."""
+        return {}
+
 
 # ----------------------------------------------------------------------------------------------
 # producers / consumers
@@ -209,6 +213,9 @@ class WeightRule(LayerRule):
 
     def size(self, m, role):
         return {"out": getattr(m, self.OUT_ATTR), "in": getattr(m, self.IN_ATTR)}.get(role)
+
+    def param_dims(self, m, role):
+        return {"out": {"weight": self.OUT_DIM, "bias": 0}, "in": {"weight": self.IN_DIM}}.get(role, {})
 
     def zero(self, m, role, idx):
         if role == "out":
@@ -380,6 +387,9 @@ class EmbeddingRule(LayerRule):
     def size(self, m, role):
         return m.embedding_dim if role == "out" else None
 
+    def param_dims(self, m, role):
+        return {"weight": 1} if role == "out" else {}
+
     def zero(self, m, role, idx):
         _zero(m, ("weight",), 1, idx)
 
@@ -440,6 +450,9 @@ class ChannelWiseRule(LayerRule):
 
     def zero(self, m, role, idx):
         _zero(m, self.params + tuple(b for b in self.buffers if b == "running_mean"), 0, idx)
+
+    def param_dims(self, m, role):
+        return {p: 0 for p in self.params}
 
     def scale(self, m):
         p = getattr(m, self.scale_param, None) if self.scale_param else None
