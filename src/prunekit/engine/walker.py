@@ -187,6 +187,12 @@ class Walker:
             return self.matmul(node, name, out_shape, where)
         if name in SDPA:
             return self.attention(node, out_shape, where)
+        if name == "repeat_interleave":
+            reps, dim = node_arg(node, 1, "repeats"), node_arg(node, 2, "dim")
+            if not isinstance(reps, int) or dim is None:
+                ctx.block(c, f"{where} repeats channels by a tensor or over a flattened input")
+                return None
+            return c.repeat(reps) if dim % len(x.shape) == c.dim else c
         if name == "roll":
             dims = node_arg(node, 2, "dims", None)
             dims = [dims] if isinstance(dims, int) else list(dims or [])
