@@ -451,3 +451,24 @@ def test_plan_on_export_graph_applies_to_the_real_model():
     plan = Plan([GroupPlan(group_id=g.group("features.2.conv.0.0").id, keep=list(range(0, 96, 2)))])
     pruned = apply(m.eval(), g, plan)
     assert pruned.features[2].conv[1][0].groups == 48
+
+
+class Branchy(nn.Module):
+    """A shape-dependent branch: the example inputs reach only one of the two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.short, self.long, self.out = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.fc1(x))
+        h = self.long(h) if x.shape[1] > 5 else self.short(h)
+        return self.out(torch.relu(h))
+
+
+def test_modules_the_example_inputs_never_reach_are_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"never reach 1 module.*\(long\)"):
+        g = ChannelGraph.build(Branchy(), torch.randn(2, 3, 4), capture="record")
+    assert g.unreached == ["long"]
+    with pytest.warns(UserWarning):
+        assert ChannelGraph.build(Branchy(), torch.randn(2, 7, 4)).unreached == ["short"]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import inspect
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,6 +89,7 @@ class ChannelGraph:
         self.groups, self.members, self.mode, self.ignored = groups, members, mode, ignored
         self.example_inputs, self.output_shapes, self.module_kinds = example_inputs, output_shapes, module_kinds
         self.head_splits = head_splits or []
+        self.unreached: list[str] = []  # modules with parameters the example inputs never reach
 
     # -- construction
     @classmethod
@@ -130,7 +132,15 @@ class ChannelGraph:
             walker.run()
             _couple_tied_parameters(ctx, model)
         kinds = {n: type(m).__name__ for n, m in model.named_modules()}
-        return cls._finalize(ctx, mode, names, (args, kwargs), out_shapes, kinds, model)
+        out = cls._finalize(ctx, mode, names, (args, kwargs), out_shapes, kinds, model)
+        out.unreached = _unreached(model, graph)
+        if out.unreached:
+            shown = ", ".join(out.unreached[:5]) + (" ..." if len(out.unreached) > 5 else "")
+            warnings.warn(f"the example inputs never reach {len(out.unreached)} module(s) with parameters of "
+                          f"{type(model).__name__} ({shown}): their channels are not traced, so an input that "
+                          "takes another branch (another shape, a flag) may fail on the pruned model; trace with "
+                          "inputs that reach them, or ignore them", UserWarning, stacklevel=2)
+        return out
 
     @classmethod
     def _finalize(cls, ctx: TraceContext, mode: str, ignored: list[str], inputs: tuple, out_shapes: Any,
@@ -262,6 +272,26 @@ def _couple_tied_parameters(ctx: TraceContext, model: nn.Module) -> None:
                 continue
             for m in on_dim[1:]:
                 ctx.unify(on_dim[0].atoms, m.atoms)
+
+
+def _unreached(model: nn.Module, graph: Any) -> list[str]:
+    """Modules owning parameters that the captured graph neither calls, nor reads a parameter of, nor
+    holds inside a called module (parameters tied to reached ones count as reached)."""
+    called = {str(n.target) for n in graph.nodes if n.op == "call_module"}
+    read = {str(n.target).rpartition(".")[0] for n in graph.nodes if n.op == "get_attr"}
+    reached_params = {id(p) for name in called for p in model.get_submodule(name).parameters()}
+    reached_params |= {id(p) for name in read for p in model.get_submodule(name).parameters(recurse=False)}
+    out = []
+    for name, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not name or not own or name in called or name in read:
+            continue
+        if any(name.startswith(c + ".") for c in called):
+            continue
+        if all(id(p) in reached_params for p in own):
+            continue
+        out.append(name)
+    return out
 
 
 def _tie_names(model: nn.Module) -> list[list[str]]:
