@@ -183,3 +183,21 @@ def test_t5_shared_embedding_couples_encoder_and_decoder_hidden_size():
     assert small.encoder.embed_tokens.weight is small.decoder.embed_tokens.weight
     assert small.encoder.block[0].layer[1].DenseReluDense.wi.out_features == 64
     assert logits(small, x).shape == logits(model, x).shape
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "swin"])
+def test_save_model_reloads_into_the_dense_model(family, tmp_path):
+    """prunekit.io reloads any pruned model given its dense model: shapes, head-count attributes,
+    functional parameters, the config and tied weights come back."""
+    from prunekit.io import load_model, save_model
+
+    model, x = build(family)
+    small = prunekit.prune(model, x, ratio=0.5)
+    save_model(tmp_path / "m", small)
+    dense, _ = build(family, seed=1)
+    again, _ = load_model(tmp_path / "m", model=dense)
+    assert again is dense
+    torch.testing.assert_close(logits(again, x), logits(small, x), atol=0, rtol=0)
+    if family == "gpt2":
+        assert again.lm_head.weight is again.transformer.wte.weight
+        assert again.transformer.h[0].attn.split_size == 32 and again.config.num_attention_heads == 2
