@@ -1,15 +1,23 @@
 """Capture: turn a model and example inputs into an fx graph whose leaf modules are single calls.
 
-torch.fx ``symbolic_trace`` comes first (modules with a layer rule, torch.nn layers and parameter-owning
-custom modules are leaves, and an fx interpreter records every node's output shape). When fx fails
-(data-dependent Python, ``int(x.shape[1])``, ...) it falls back to ``torch.export`` and folds the aten nodes
-of each leaf module call back into one ``call_module`` node, so the walker sees the same vocabulary either
-way. When both fail, the error names the innermost module and source line of the model's forward.
+Three methods, tried in this order by ``capture="auto"`` (or chosen with ``"fx"``/``"record"``/``"export"``):
+
+* **fx**: torch.fx ``symbolic_trace`` (modules with a layer rule, torch.nn layers and parameter-owning
+  custom modules are leaves; an fx interpreter records every node's output shape). Fails on
+  data-dependent Python, ``int(x.shape[1])``, ``**kwargs`` forwards (every ``transformers`` model).
+* **record**: one real run recorded op by op (:mod:`~prunekit.engine.record`): follows whatever Python
+  the model runs, so it captures the path the example inputs take.
+* **export**: ``torch.export``, whose aten nodes of each leaf module call are folded back into one
+  ``call_module`` node (one output per tensor the module returns), so the walker sees the same
+  vocabulary either way.
+
+Every node gets ``meta["module"]``, the innermost module whose forward produced it ("" for the root; a
+leaf's ``call_module`` node: its caller). When all methods fail, the error names the innermost module and
+source line of the model's forward and what gets around it.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import linecache
 import logging
@@ -20,10 +28,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..errors import ConfigError
 from .errors import UnsupportedLayerError, UntraceableModelError
+from .record import shape_tree, trace_record
 from .rules import find_rule
 
-__all__ = ["capture_graph", "failure_site", "has_rule", "is_leaf", "shape_tree"]
+__all__ = ["CAPTURES", "capture_graph", "failure_site", "has_rule", "is_leaf", "shape_tree"]
 
 
 class _LeafTracer(fx.Tracer):
@@ -55,22 +65,6 @@ def has_rule(m: nn.Module) -> bool:
     return rule is not None and not getattr(rule, "refuses", False)
 
 
-def shape_tree(v: Any) -> Any:
-    """Tensors → their shapes, containers and dataclasses → the same structure, anything else → None."""
-    if isinstance(v, torch.Tensor):
-        return v.shape
-    if isinstance(v, torch.Size):
-        return None
-    if dataclasses.is_dataclass(v) and not isinstance(v, type):
-        return (type(v).__name__, tuple((f.name, shape_tree(getattr(v, f.name))) for f in dataclasses.fields(v)))
-    if isinstance(v, (list, tuple)):
-        return type(v)(shape_tree(x) for x in v) if not hasattr(v, "_fields") else tuple(
-            shape_tree(x) for x in v)
-    if isinstance(v, dict):
-        return {k: shape_tree(x) for k, x in v.items()}
-    return None
-
-
 def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str]) -> tuple[fx.Graph, dict, Any]:
     tracer = _LeafTracer(leaves)
     graph = tracer.trace(model)
@@ -84,6 +78,11 @@ def _trace_fx(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str]) -> 
             return out
 
     out = Prop(gm).run(*_bind_inputs(graph, args, kwargs))
+    for n in graph.nodes:
+        paths = [p for p, _t in (n.meta.get("nn_module_stack") or {}).values()]
+        if n.op == "call_module" and paths and paths[-1] == n.target:
+            paths = paths[:-1]  # the stack of a leaf's call includes the leaf itself
+        n.meta["module"] = paths[-1] if paths else ""
     return graph, shapes, shape_tree(out)
 
 
@@ -101,39 +100,82 @@ def _bind_inputs(graph: fx.Graph, args: tuple, kwargs: dict) -> list:
     return out
 
 
-def _trace_export(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str]) -> tuple[fx.Graph, dict, Any]:
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``torch.export.export`` without its logging (it prints the partial graph on failure)."""
     loggers = [logging.getLogger(n) for n in ("torch", "torch.fx.experimental.symbolic_shapes")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.CRITICAL)
-    try:  # export prints the partial graph to stderr on failure; we report our own message
+    try:
         with contextlib.redirect_stderr(io.StringIO()):
-            ep = torch.export.export(model, args, kwargs)
+            return torch.export.export(model, args, kwargs)
     finally:
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
-    consts = {}
-    for spec in ep.graph_signature.input_specs:
-        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") and spec.target is not None:
-            consts[spec.arg.name] = spec.target
-    src = ep.graph
-    cluster: dict[fx.Node, tuple[str, str]] = {}
+
+
+def _export_scopes(src: fx.Graph, model: nn.Module, leaves: set[str]) -> tuple[dict, dict]:
+    """``(cluster, module)``: ``cluster[node] = (call key, leaf path, caller path)`` for the aten nodes of a
+    leaf module call; ``module[node]`` = innermost module path of every call node ("" for the root)."""
+    cluster: dict[fx.Node, tuple[str, str, str]] = {}
+    module: dict[fx.Node, str] = {}
     for node in src.nodes:
         if node.op != "call_function":
             continue
-        for key, (path, _t) in (node.meta.get("nn_module_stack") or {}).items():
-            if not path:
-                continue
+        stack = [(k, p) for k, (p, _t) in (node.meta.get("nn_module_stack") or {}).items() if p]
+        module[node] = stack[-1][1] if stack else ""
+        caller = ""
+        for key, path in stack:
             try:
                 m = model.get_submodule(path)
             except AttributeError:
                 break
             if is_leaf(m, path, leaves):
-                cluster[node] = (key, path)
+                cluster[node] = (key, path, caller)
                 break
+            caller = path
+    return cluster, module
+
+
+def _split_cluster(nodes: list[fx.Node]) -> tuple[set[fx.Node], list[fx.Node]]:
+    """``(pulled out, outputs)`` of one leaf call's aten nodes. Its outputs are the nodes used outside the
+    cluster that no other such node depends on (the module's return value; several only where the module
+    returns several tensors, e.g. ``nn.MultiheadAttention``). A node used outside that an output depends
+    on (e.g. the input cast of an RMSNorm that the residual path reuses) is pulled out of the cluster with
+    the cluster nodes it depends on, so that the folded call has one output per returned tensor."""
+    inside = set(nodes)
+    anc: dict[fx.Node, set[fx.Node]] = {}
+    for n in nodes:
+        anc[n] = set()
+        for a in n.all_input_nodes:
+            if a in inside:
+                anc[n] |= {a} | anc[a]
+    used = [n for n in nodes if any(u not in inside for u in n.users)]
+    outs = [n for n in used if not any(n in anc[o] for o in used)]
+    pulled: set[fx.Node] = set()
+    for n in used:
+        if n not in outs:
+            pulled |= {n} | anc[n]
+    return pulled, outs
+
+
+def _trace_export(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str]) -> tuple[fx.Graph, dict, Any]:
+    ep = _export(model, args, kwargs)
+    consts = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR") and spec.target is not None:
+            consts[spec.arg.name] = spec.target
+    src = ep.graph
+    cluster, module = _export_scopes(src, model, leaves)
     members: dict[str, list[fx.Node]] = {}
-    for node, (key, _p) in cluster.items():
+    for node, (key, _p, _c) in cluster.items():
         members.setdefault(key, []).append(node)
+    pulled: set[fx.Node] = set()
+    outs: dict[str, list[fx.Node]] = {}
+    for key, nodes in members.items():
+        p, outs[key] = _split_cluster(nodes)
+        pulled |= p
+    last = {key: [n for n in nodes if n not in pulled][-1] for key, nodes in members.items()}
     g = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     shapes: dict[fx.Node, Any] = {}
@@ -144,32 +186,18 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str])
     for node in src.nodes:
         if node.op == "placeholder":
             new = g.get_attr(consts[node.name]) if node.name in consts else g.placeholder(node.name)
-        elif node.op == "call_function" and node in cluster:
-            key, path = cluster[node]
-            nodes = members[key]
-            if node is not nodes[-1]:
-                continue
-            inside = set(nodes)
-            ins: list[fx.Node] = []
-            for n in nodes:
-                for a in n.all_input_nodes:
-                    if a not in inside and a not in ins and not (a.op == "placeholder" and a.name in consts):
-                        ins.append(a)
-            outs = [n for n in nodes if any(u not in inside for u in n.users)]
-            call = g.call_module(path, tuple(env[a] for a in ins))
-            if len(outs) == 1:
-                env[outs[0]] = call
-                shapes[call] = shape_tree(outs[0].meta.get("val"))
-            else:
-                shapes[call] = tuple(shape_tree(o.meta.get("val")) for o in outs)
-                for i, o in enumerate(outs):
-                    env[o] = g.call_function(operator.getitem, (call, i))
-                    shapes[env[o]] = shape_tree(o.meta.get("val"))
+            new.meta["module"] = ""
+        elif node.op == "call_function" and node in cluster and node not in pulled:
+            key, path, caller = cluster[node]
+            if node is last[key]:
+                _fold(g, env, shapes, path, caller, [n for n in members[key] if n not in pulled], outs[key],
+                      consts)
             continue
         elif node.op == "call_function":
             new = g.call_function(node.target, mapped(node.args), mapped(node.kwargs))
+            new.meta["module"] = module.get(node, "")
         elif node.op == "output":
-            g.output(mapped(node.args[0]))
+            g.output(mapped(node.args[0])).meta["module"] = ""
             continue
         else:
             continue
@@ -179,14 +207,39 @@ def _trace_export(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str])
     return g, shapes, shape_tree(model(*args, **kwargs))
 
 
+def _fold(g: fx.Graph, env: dict, shapes: dict, path: str, caller: str, nodes: list[fx.Node],
+          outs: list[fx.Node], consts: dict) -> None:
+    """Emit one leaf call's (kept) aten nodes as ``call_module(path)``; a tuple + getitems when it returns
+    several tensors."""
+    inside = set(nodes)
+    ins: list[fx.Node] = []
+    for n in nodes:
+        if not n.users and n.meta.get("val") is None:  # _assert_tensor_metadata & co. read no channels
+            continue
+        for a in n.all_input_nodes:
+            if a not in inside and a not in ins and not (a.op == "placeholder" and a.name in consts):
+                ins.append(a)
+    call = g.call_module(path, tuple(env[a] for a in ins))
+    call.meta["module"] = caller
+    if len(outs) == 1:
+        env[outs[0]] = call
+        shapes[call] = shape_tree(outs[0].meta.get("val"))
+        return
+    shapes[call] = tuple(shape_tree(o.meta.get("val")) for o in outs)
+    for i, o in enumerate(outs):
+        env[o] = g.call_function(operator.getitem, (call, i))
+        env[o].meta["module"] = caller
+        shapes[env[o]] = shape_tree(o.meta.get("val"))
+
+
 def failure_site(exc: BaseException, model: nn.Module) -> tuple[str | None, str]:
     """(module name, 'Type line N: code') of the innermost model forward frame in ``exc``'s traceback."""
     names = {id(m): n for n, m in model.named_modules()}
     site: tuple[str | None, str] = (None, "")
-    torch_dir = torch.__file__.rsplit("/", 1)[0]
+    skip = (torch.__file__.rsplit("/", 1)[0], __file__.rsplit("/", 1)[0])  # torch's and the engine's frames
     for frame, lineno in traceback.walk_tb(exc.__traceback__):
         code_obj = frame.f_code
-        if code_obj.co_filename.startswith(torch_dir) or not code_obj.co_argcount:
+        if code_obj.co_filename.startswith(skip) or not code_obj.co_argcount:
             continue
         self_obj = frame.f_locals.get(code_obj.co_varnames[0])
         if isinstance(self_obj, nn.Module) and id(self_obj) in names:
@@ -200,50 +253,81 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+CAPTURES = ("auto", "fx", "record", "export")
+_METHOD = {"fx": "torch.fx", "record": "recording a real run", "export": "torch.export"}
+
+
+def _trace_fx_retrying(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str],
+                       ignored: set[str]) -> tuple[fx.Graph, dict, Any]:
+    """torch.fx; an ignored module whose body fx cannot trace becomes an opaque leaf (added to ``leaves``)
+    and fx is retried."""
+    for _ in range(8):
+        try:
+            return _trace_fx(model, args, kwargs, leaves)
+        except UnsupportedLayerError:
+            raise
+        except Exception as e:
+            where, _code = failure_site(e, model)
+            owner = next((n for n in sorted(ignored, key=len) if where is not None and n not in leaves
+                          and (where == n or where.startswith(n + "."))), None)
+            if owner is None:
+                raise
+            leaves.add(owner)
+    return _trace_fx(model, args, kwargs, leaves)
+
+
 def capture_graph(model: nn.Module, args: tuple, kwargs: dict, leaves: set[str], ignored: set[str],
                   capture: str = "auto") -> tuple[fx.Graph, dict, Any, str, set[str]]:
     """Capture ``model`` as an fx graph: ``(graph, shapes per node, output shapes, mode, leaves)``.
 
-    torch.fx first (``capture="auto"``/``"fx"``); an ignored module whose body fx cannot trace is made an
-    opaque leaf and fx retried; then torch.export (``"auto"``/``"export"``). When both fail, an
-    :class:`UntraceableModelError` names the module and source line at fault and how to get around it.
-    ``leaves`` in the result includes the modules made leaves on the way. Run it under
-    :func:`prunekit.runtime.eval_mode`.
+    ``capture``: ``"auto"`` tries torch.fx (an ignored module whose body fx cannot trace is made an opaque
+    leaf and fx retried), then a recorded real run (:func:`~prunekit.engine.record.trace_record`), then
+    torch.export; ``"fx"``, ``"record"`` or ``"export"`` uses that one only. ``mode`` is the one that
+    worked. When all fail, an :class:`UntraceableModelError` names the module and source line at fault
+    and what gets around it. ``leaves`` in the result includes the modules made leaves on the way. Run it
+    under :func:`prunekit.runtime.eval_mode`.
     """
+    if capture not in CAPTURES:
+        raise ConfigError(f"capture must be one of {CAPTURES}, got {capture!r}")
     leaves = set(leaves)
-    fx_error: BaseException = RuntimeError("fx skipped (capture='export')")
-    for _ in range(8 if capture != "export" else 0):  # an ignored module whose body fx cannot trace becomes an opaque leaf
+    methods = {"fx": lambda: _trace_fx_retrying(model, args, kwargs, leaves, ignored),
+               "record": lambda: trace_record(model, args, kwargs, leaves),
+               "export": lambda: _trace_export(model, args, kwargs, leaves)}
+    errors: dict[str, BaseException] = {}
+    for mode, run in methods.items():
+        if capture not in ("auto", mode):
+            continue
         try:
-            g, s, o = _trace_fx(model, args, kwargs, leaves)
-            return g, s, o, "fx", leaves
+            g, s, o = run()
+            return g, s, o, mode, leaves
         except UnsupportedLayerError:
             raise
-        except Exception as e:  # noqa: BLE001 - any fx failure falls through to export
-            fx_error = e
-            where, code = failure_site(e, model)
-            owner = next((n for n in sorted(ignored, key=len) if where is not None and n not in leaves
-                          and (where == n or where.startswith(n + "."))), None)
-            if owner is None:
-                break
-            leaves.add(owner)
-    if capture == "fx":
-        where, code = failure_site(fx_error, model)
-        at = f"module '{where}' ({code})" if where else f"{type(model).__name__}.forward"
-        raise UntraceableModelError(f"cannot trace {type(model).__name__} with torch.fx: failed in {at}: "
-                                    f"{_first_line(fx_error)}. Fix: capture='auto' (falls back to "
-                                    f"torch.export) or leaf_modules=['{where or '...'}']") from fx_error
-    try:
-        g, s, o = _trace_export(model, args, kwargs, leaves)
-        return g, s, o, "export", leaves
-    except Exception as e:  # noqa: BLE001
-        export_error = e
-    where, code = failure_site(fx_error, model)
-    if where is None:
-        where, code = failure_site(export_error, model)
-    at = f"module '{where}' ({code})" if where else f"{type(model).__name__}.forward"
-    hint = (f"mark it as a leaf or exclude it: ChannelGraph.build(..., leaf_modules=['{where}']) or "
-            f"prune(..., ignored=['{where}']) (its channels are then protected)" if where
-            else "move the data-dependent code into a submodule and pass it as a leaf/ignored module")
-    raise UntraceableModelError(
-        f"cannot trace {type(model).__name__}: torch.fx failed in {at}: {_first_line(fx_error)}; "
-        f"torch.export also failed: {_first_line(export_error)}. Fix: {hint}") from fx_error
+        except Exception as e:  # noqa: BLE001 - every failure falls through to the next method
+            errors[mode] = e
+    raise UntraceableModelError(_untraceable_message(model, kwargs, errors)) from next(iter(errors.values()))
+
+
+def _untraceable_message(model: nn.Module, kwargs: dict, errors: dict[str, BaseException]) -> str:
+    """Why each capture method failed, where (module, source line), and what to try instead."""
+    sites = {m: failure_site(e, model) for m, e in errors.items()}
+    where = next((sites[m][0] for m in ("record", "fx", "export") if m in sites and sites[m][0] is not None),
+                 None)
+    parts = []
+    for m, e in errors.items():
+        w, code = sites[m]
+        at = "" if w is None else f" in {code}" if not w else f" in module '{w}' ({code})"
+        parts.append(f"{_METHOD[m]}{' also' if parts else ''} failed{at}: {_first_line(e)}")
+    fixes = []
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", False) and kwargs.get("use_cache", True) is not False:
+        fixes.append("pass use_cache=False with the inputs (a transformers decoder returns a key/value cache "
+                     "object), e.g. example_inputs={'input_ids': ids, 'use_cache': False}")
+    untried = [m for m in _METHOD if m not in errors]
+    if untried:
+        fixes.append("capture=" + " or ".join(f"'{m}'" for m in untried) + " (not tried)")
+    if where:
+        fixes.append(f"mark the module as a leaf or exclude it: ChannelGraph.build(..., leaf_modules=['{where}']) "
+                     f"or prune(..., ignored=['{where}']) (its channels are then protected)")
+    else:
+        fixes.append("move the failing code into a submodule and pass it as leaf_modules=[...] or ignored=[...]")
+    return f"cannot trace {type(model).__name__}: " + "; ".join(parts) + ". Fix: " + "; or ".join(fixes)
