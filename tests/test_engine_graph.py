@@ -341,7 +341,7 @@ def test_unknown_custom_layer_is_refused_by_name_until_registered():
         pruned = check_prune_matches_mask(WithScale(), torch.randn(2, 3, 4, 4))
         assert pruned.blocks[0].gamma.shape == (3,)
     finally:
-        from prunekit.engine.rules import _BY_TYPE
+        from prunekit.engine.rule_base import _BY_TYPE
 
         _BY_TYPE.pop(Scale)
 
@@ -398,12 +398,22 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_error_names_module_and_line():
     with pytest.raises(UntraceableModelError) as e:
-        ChannelGraph.build(DataDependent(), (1, 3, 4, 4))
+        ChannelGraph.build(DataDependent(), (1, 3, 4, 4), capture="fx")
     text = str(e.value)
     assert "module 'gate' (Gate.forward line" in text and "if x.sum() > 0:" in text
-    assert "torch.export also failed" in text and "ignored=['gate']" in text
     g = ChannelGraph.build(DataDependent(), (1, 3, 4, 4), ignored=["gate"])
     assert g.mode == "fx" and g.group("stem").protected
+
+
+def test_data_dependent_python_is_recorded_for_the_branch_the_inputs_take():
+    x = torch.ones(1, 3, 4, 4)
+    model = DataDependent().eval()
+    with torch.no_grad():
+        model.stem.bias.fill_(1.0)  # relu(stem(x)) > 0: the gate takes its conv
+    g = ChannelGraph.build(model, x)
+    assert g.mode == "record" and not g.group("gate.conv").protected
+    # the condition x.sum() > 0 reads every channel of stem: pruning them could flip the branch
+    assert "reduces over the channel dim" in next(iter(g.group("stem").blocked.values()))
 
 
 class ShapeBranch(nn.Module):
@@ -420,9 +430,10 @@ class ShapeBranch(nn.Module):
         return self.c(y.mean((2, 3)))
 
 
-def test_export_fallback_when_fx_fails():
-    g = ChannelGraph.build(ShapeBranch(), (1, 3, 8, 8))
-    assert g.mode == "export"
+@pytest.mark.parametrize("capture", ["auto", "export"])
+def test_fallbacks_when_fx_fails(capture):
+    g = ChannelGraph.build(ShapeBranch(), (1, 3, 8, 8), capture=capture)
+    assert g.mode == {"auto": "record", "export": "export"}[capture]
     assert roles(g.group("a")) == {"a:out", "b:in"} and roles(g.group("b")) == {"b:out", "c:in"}
     with pytest.raises(UntraceableModelError, match="torch.fx"):
         ChannelGraph.build(ShapeBranch(), (1, 3, 8, 8), capture="fx")
