@@ -8,9 +8,11 @@ Lower level: ``graph = ChannelGraph.build(model, x)``; ``plan = make_plan(model,
 ``small.prunekit_record`` replays onto a dense model with ``replay(dense, record)``.
 
 Files, lowest first (each imports only those above it): ``errors``; ``channels`` (Chan, TensorInfo,
-Member, Group); ``context`` (TraceContext: channel ids, union-find, members, protection); ``rules``
-(per-layer-type channel rules); ``ops`` + ``walker`` (functional ops, the fx-graph walker); ``capture``
-(torch.fx / torch.export); ``graph`` (ChannelGraph); ``criteria``, ``select``, ``plan``, ``masks``;
+Member, HeadSplit, Group); ``context`` (TraceContext: channel ids, union-find, members, heads, protection);
+``rule_base`` + ``norm_rules`` + ``rules`` (per-layer-type channel rules); ``ops`` + ``walker`` (functional
+ops incl. matmul and attention, the fx-graph walker); ``record`` + ``capture`` (torch.fx / one recorded
+run / torch.export); ``graph`` (ChannelGraph); ``criteria``, ``select``, ``plan``, ``masks``; ``adapters``
+(functional parameters, head-count attributes, tied weights) and ``hf_config`` (Hugging Face configs);
 ``surgery`` (the only code that edits modules); ``api`` (``make_plan``, ``prune``).
 """
 from .api import make_plan, prune

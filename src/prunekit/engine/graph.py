@@ -77,7 +77,8 @@ class ChannelGraph:
     Attributes:
         groups: list of :class:`Group`, ids ``0..len-1`` in trace order.
         members: every traced module dimension (:class:`Member`).
-        mode: ``"fx"`` or ``"export"`` (how the model was captured).
+        mode: ``"fx"``, ``"record"`` or ``"export"`` (how the model was captured).
+        head_splits: the (H·D) → (H, D) reshapes of attention heads (:class:`HeadSplit`).
         ignored: names of modules whose channels are protected.
         example_inputs: ``(args, kwargs)`` used to trace; surgery re-runs them to verify.
         output_shapes: shapes of the model outputs for those inputs.
