@@ -45,6 +45,7 @@ from .batchnorm import batchnorm_refits
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
 from .greedy import select_channels
+from .layers import is_linear, to_module_layout, weight_oi
 from .residual import Skip, find_skips, output_scale
 from .targets import Targets, compressed_values, output_rows
 
@@ -140,13 +141,13 @@ def _conv_groups(module: nn.Module) -> int:
 
 def supported(module: nn.Module) -> str | None:
     """None when ``module`` can be refit; else why not."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.transposed:
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         return None
-    return f"{type(module).__name__} is not refit (Linear and Conv1d/2d are)"
+    return f"{type(module).__name__} is not refit (Linear, transformers' Conv1D and Conv1d/2d are)"
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
@@ -163,7 +164,7 @@ def _patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None 
     """The consumer's input as regression rows: Linear (rows, I); conv (rows, I·k) patches, where rows run
     over samples and output positions (all, or the flat output indices ``positions``) and columns are
     ordered as the weight's ``(I, *kernel)``."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return x.reshape(-1, x.shape[-1])
     x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
     k, d, p, s = _conv_geometry(module)
@@ -265,7 +266,7 @@ class _Consumer:
         """Per conv group: (its kept inputs as indices into the weight's input dim, the same inputs in the
         pruned model's input, its output rows)."""
         n_in = len(self.keep)
-        n_out = self.module.weight.shape[0]
+        n_out = self.weight.shape[0]
         gi, go = n_in // self.groups, n_out // self.groups
         new_index = np.cumsum(self.keep) - 1
         out = []
@@ -276,13 +277,18 @@ class _Consumer:
         return out
 
     @property
+    def weight(self) -> torch.Tensor:
+        """The original weight as (O, I, *kernel)."""
+        return weight_oi(self.module)
+
+    @property
     def taps(self) -> int:
         """k: kernel positions per input channel (1 for Linear)."""
-        return int(np.prod(self.module.weight.shape[2:], dtype=np.int64))
+        return int(np.prod(self.weight.shape[2:], dtype=np.int64))
 
     def prior(self, local_in: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
         """(D+1, O_g): the original weight on one block's kept inputs, with the original bias last."""
-        w = self.module.weight.detach().double()[out_rows][:, local_in]
+        w = self.weight.double()[out_rows][:, local_in]
         b = self.module.bias
         bias = b.detach().double()[out_rows] if b is not None else torch.zeros(len(out_rows), dtype=torch.float64)
         return torch.cat([w.reshape(len(out_rows), -1), bias[:, None]], 1).t()
@@ -304,7 +310,7 @@ def _statistics(targets: Targets, compressed: nn.Module, c: _Consumer, n_train: 
     train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
     val = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
     scale = output_scale(skip, targets.model) if skip is not None else None
-    dim = -1 if isinstance(c.module, nn.Linear) else 1
+    dim = -1 if is_linear(c.module) else 1
     seen = 0
     for b, xb in enumerate(batches(targets.inputs, targets.batch_size)):
         y, s_o = targets.batch(c.name, b, xb)
@@ -357,7 +363,7 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
     blocks = c.blocks()
     k = c.taps
     priors = [c.prior(b[0], b[2]) for b in blocks]
-    kept = torch.ones(c.module.weight.shape[0], dtype=torch.bool) if kept_out is None else torch.from_numpy(kept_out)
+    kept = torch.ones(c.weight.shape[0], dtype=torch.bool) if kept_out is None else torch.from_numpy(kept_out)
     masks = [kept[b[2]] for b in blocks]
 
     def residual(stats: list[_Normal], coefs: list[torch.Tensor]) -> float:
@@ -377,9 +383,10 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
             sol[-1] = p[-1]
     energy = max(sum(s.outputs(m).total() for s, m in zip(full, masks)), 1e-300)
     before, after = residual(full, priors) / energy, residual(full, sols) / energy
-    o, width = c.module.weight.shape[0], max(len(b[0]) for b in blocks)  # a block that keeps no input
+    o, width = c.weight.shape[0], max(len(b[0]) for b in blocks)  # a block that keeps no input
     weight = torch.cat([sol[:-1].t() if len(b[0]) == width else torch.zeros(len(b[2]), width * k, dtype=sol.dtype)
-                        for sol, b in zip(sols, blocks)]).reshape(o, width, *c.module.weight.shape[2:])
+                        for sol, b in zip(sols, blocks)]).reshape(o, width, *c.weight.shape[2:])
+    weight = to_module_layout(c.module, weight)
     bias = torch.cat([sol[-1] for sol in sols])
     rows, unknowns = full[0].rows, max(len(b[0]) for b in blocks) * k + 1
     report = {"module": c.name, "rows": rows, "unknowns": unknowns, "underdetermined": rows < unknowns,
@@ -402,7 +409,7 @@ def _downstream_weights(model: nn.Module, graph: ChannelGraph, name: str) -> tor
             module = model.get_submodule(m.module)
             sel = np.nonzero(m.group == gid)[0]
             if m.role == "in" and supported(module) is None and _conv_groups(module) == 1:
-                w = module.weight.detach().double()
+                w = weight_oi(module).double()
                 cols = (w.transpose(0, 1).reshape(w.shape[1], -1) ** 2).sum(1).numpy()
                 np.add.at(per_channel, m.channel[sel], cols[sel])
         for m in g.members:
@@ -455,7 +462,7 @@ def _consumer(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], na
     if member is not None:
         keep = member_keep(member, masks)
     else:
-        n_in = module.in_features if isinstance(module, nn.Linear) else module.weight.shape[1] * _conv_groups(module)
+        n_in = weight_oi(module).shape[1] * _conv_groups(module)
         keep = np.ones(n_in, dtype=bool)
     return _Consumer(name, module, keep, _conv_groups(module))
 

@@ -22,12 +22,13 @@ from torch import fx, nn
 
 from ..runtime import call, capture, eval_mode
 from .calibration import batches, module_inputs, n_inputs
+from .layers import is_linear
 from .residual import Skip, module_nodes, node_values
 
 
 def sample_positions(module: nn.Module, y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor | None:
     """At most ``limit`` of a conv's output positions (a seeded subset, the same for every batch)."""
-    n = int(np.prod(y.shape[2:])) if not isinstance(module, nn.Linear) else 0
+    n = int(np.prod(y.shape[2:])) if not is_linear(module) else 0
     if limit is None or n <= limit:
         return None
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit].sort().values
@@ -36,7 +37,7 @@ def sample_positions(module: nn.Module, y: torch.Tensor, limit: int | None, seed
 def output_rows(module: nn.Module, y: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """A layer's output (or a tensor shaped like it) as rows (rows, channels): Linear keeps the last dim
     (tokens become rows); a conv's positions (all, or the flat indices ``positions``) become rows."""
-    if isinstance(module, nn.Linear):
+    if is_linear(module):
         return y.reshape(-1, y.shape[-1])
     y = y.reshape(y.shape[0], y.shape[1], -1)
     y = y if positions is None else y[:, :, positions]

@@ -158,15 +158,16 @@ def _apply_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray],
     rule = find_rule(type(module))
     if rule is None:
         raise PlanError(f"refit of '{refit.module}' ({type(module).__name__}): no channel rule can write it")
-    tensors = [t for t in (refit.weight, refit.bias, refit.offset, refit.running_mean, refit.running_var)
-               if t is not None]
-    rows = _out_rows(graph, masks, refit.module, tensors[0].shape[0])
-    if any(t.shape[0] != tensors[0].shape[0] for t in tensors):
+    out_dim = getattr(rule, "OUT_DIM", 0)  # the weight's output dim in the module's own layout
+    counts = [t.shape[out_dim if t is refit.weight else 0] for t in
+              (refit.weight, refit.bias, refit.offset, refit.running_mean, refit.running_var) if t is not None]
+    rows = _out_rows(graph, masks, refit.module, counts[0])
+    if any(n != counts[0] for n in counts):
         raise PlanError(f"refit of '{refit.module}': its tensors disagree on the output count")
-    pick = (lambda t: None if t is None else t.index_select(0, rows))
+    pick = (lambda t, dim=0: None if t is None else t.index_select(dim, rows))
     try:
         if refit.weight is not None or refit.bias is not None:
-            rule.set_weights(module, pick(refit.weight), pick(refit.bias))
+            rule.set_weights(module, pick(refit.weight, out_dim), pick(refit.bias))
         if refit.offset is not None and refit.norm is not None:
             norm = model.get_submodule(refit.norm)
             find_rule(type(norm)).absorb_input_offset(norm, pick(refit.offset))
