@@ -250,7 +250,7 @@ def test_every_library_registry_declares_where_its_builtins_are():
     from prunekit.regularizers import REGULARIZERS
     from prunekit.reproduce import STUDIES
 
-    assert METHODS.builtins == ("prunekit.merging.method", "prunekit.polarization")
+    assert METHODS.builtins == ("prunekit.merging.method", "prunekit.polarization", "prunekit.baselines")
     assert STUDIES.builtins == ("prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda",
                                 "prunekit.studies.compensation")
     assert REGULARIZERS.builtins == ("prunekit.polarization",)

@@ -55,7 +55,8 @@ class MethodResult:
 
 Method = Callable[[nn.Module, Any, PruneOptions], MethodResult]
 #: built-in methods: ``prune`` (below), ``merge``/``lstsq`` (Neuron Merging), ``polarization``
-METHODS: Registry[Method] = Registry("pruning method", builtins=("prunekit.merging.method", "prunekit.polarization"))
+METHODS: Registry[Method] = Registry("pruning method", builtins=("prunekit.merging.method", "prunekit.polarization",
+                                                                   "prunekit.baselines"))
 
 
 def register_method(name: str) -> Callable[[Method], Method]:

@@ -90,6 +90,9 @@ class WeightRule(LayerRule):
             _set_param(m, name, value.to(old))
 
     def add_output_offset(self, m, v):
+        if m.bias is None and isinstance(m, nn.Linear):  # bias-free Linear (Llama): a zero bias first; replay
+            m.bias = nn.Parameter(torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device),
+                                  requires_grad=m.weight.requires_grad)  # recreates it from the record's shapes
         _check(m.bias is not None, m, "an output offset needs a bias (or a BatchNorm right after the layer)")
         _check(v.numel() == m.bias.numel(), m, f"output offset has {v.numel()} values, the bias {m.bias.numel()}")
         _set_param(m, "bias", m.bias.detach() + v.reshape(-1).to(m.bias))

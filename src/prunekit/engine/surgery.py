@@ -265,6 +265,7 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
                                           f"{size} channels")
                 rule.prune(module, role, idx)
     retie(model, ties)
+    _replay_created_biases(model, record)
     for name, shapes in record.shapes.items():
         have = _module_shapes(model.get_submodule(name))
         for t, shape in shapes.items():
@@ -273,6 +274,20 @@ def replay(model: nn.Module, record: PruneRecord | dict | str) -> nn.Module:
                                       f"the record says {shape}")
     model.prunekit_record = record
     return model
+
+
+def _replay_created_biases(model: nn.Module, record: PruneRecord) -> None:
+    """A refit offset on a bias-free ``nn.Linear`` created its bias (``WeightRule.add_output_offset``): where
+    the record's shapes list a ``bias`` the dense Linear lacks, create a zero one so the saved weights load."""
+    for name, shapes in record.shapes.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue  # reported by the shape check
+        if "bias" in shapes and isinstance(module, nn.Linear) and module.bias is None:
+            w = module.weight
+            module.bias = nn.Parameter(torch.zeros(shapes["bias"], dtype=w.dtype, device=w.device),
+                                       requires_grad=w.requires_grad)
 
 
 def _replay_parameters(module: nn.Module, name: str, entry: dict, step: int) -> None:
