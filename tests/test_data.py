@@ -161,7 +161,7 @@ def unnormalize(x: torch.Tensor, info) -> np.ndarray:
 
 
 def test_catalogue_names_and_standard_normalisation():
-    assert list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "imagenet", "mnist", "synthetic"]
+    assert list_datasets() == ["cifar10", "cifar100", "fashion-mnist", "imagenet", "mnist", "shakespeare", "synthetic"]
     f = dataset_info("fashion-mnist")
     assert (f.num_classes, f.input_shape, f.mean, f.std, f.train_size, f.test_size) == (
         10, (1, 28, 28), (0.5,), (0.5,), 60000, 10000)

@@ -19,15 +19,22 @@ __all__ = ["DATASETS", "DatasetInfo", "DatasetSpec", "dataset_info", "get_datase
 @dataclass(frozen=True)
 class DatasetInfo:
     """Static facts about a dataset. ``input_shape`` is (C, H, W) as the model sees it; ``mean``
-    and ``std`` (length C, in [0, 1] pixel units) are the normalisation ``get_dataset`` applies."""
+    and ``std`` (length C, in [0, 1] pixel units) are the normalisation ``get_dataset`` applies.
+
+    Text (``task="causal-lm"``): ``input_shape`` is ``(block_size,)``, ``num_classes`` = ``vocab_size``
+    (next-token targets), no mean/std, sizes count blocks, and ``val_size`` is the separate val split's."""
 
     name: str
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     train_size: int
     test_size: int
+    task: str = "classification"
+    vocab_size: int | None = None
+    block_size: int | None = None
+    val_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class DatasetSpec:
     info: DatasetInfo
     build: Callable[..., Any]
     info_fn: Callable[..., DatasetInfo] | None = None  # for datasets whose info depends on kwargs
+    splits: tuple[str, ...] | None = None  # its own split names (no 'val' → 'test' alias)
 
     def __call__(self, *args, **kw):
         return self.build(*args, **kw)
@@ -184,12 +192,42 @@ def _synthetic_build(split, *, root=None, download=True, augment=None, normalize
                         split=split, info=info)
 
 
+_TEXT_KW = {"block_size", "stride", "milton"}
+
+
+def _shakespeare_info(**kw) -> DatasetInfo:
+    from .text import DEFAULT_BLOCK_SIZE, MILTON_BYTES, SPLIT_BYTES, VOCAB_SIZE, num_blocks
+
+    _check_kwargs("shakespeare", kw, _TEXT_KW)
+    t = int(kw.get("block_size", DEFAULT_BLOCK_SIZE))
+    stride = t if kw.get("stride") is None else int(kw["stride"])
+    if t < 1 or stride < 1:
+        raise ConfigError(f"shakespeare block_size and stride must be >= 1, got {t} and {stride}")
+    train = SPLIT_BYTES["train"] + (MILTON_BYTES if kw.get("milton") else 0)
+    return DatasetInfo("shakespeare", VOCAB_SIZE, (t,), (), (), num_blocks(train, t, stride),
+                       num_blocks(SPLIT_BYTES["test"], t, t), task="causal-lm", vocab_size=VOCAB_SIZE,
+                       block_size=t, val_size=num_blocks(SPLIT_BYTES["val"], t, t))
+
+
+def _shakespeare_build(split, *, root=None, download=True, augment=None, normalize=True, **kw):
+    from .text import load_split
+
+    info = _shakespeare_info(**kw)
+    if augment not in (None, False):
+        raise ConfigError("shakespeare (byte tokens) has no augmentation; leave augment as None or False")
+    folder = _locate("shakespeare", root, download)
+    return load_split(folder, split, block_size=info.block_size, stride=kw.get("stride"),
+                      milton=bool(kw.get("milton", False)), info=info)
+
+
 DATASETS.register("fashion-mnist", DatasetSpec(_FMNIST, _idx_builder(_FMNIST)))
 DATASETS.register("mnist", DatasetSpec(_MNIST, _idx_builder(_MNIST)))
 DATASETS.register("cifar10", DatasetSpec(_CIFAR10, _cifar_builder(_CIFAR10)))
 DATASETS.register("cifar100", DatasetSpec(_CIFAR100, _cifar_builder(_CIFAR100)))
 DATASETS.register("imagenet", DatasetSpec(_IMAGENET, _imagenet_build))
 DATASETS.register("synthetic", DatasetSpec(_synthetic_info(), _synthetic_build, _synthetic_info))
+DATASETS.register("shakespeare", DatasetSpec(_shakespeare_info(), _shakespeare_build, _shakespeare_info,
+                                             splits=("train", "val", "test")))
 
 
 def list_datasets() -> list[str]:
@@ -220,10 +258,14 @@ def get_dataset(
     normalize: bool = True,
     **kw,
 ):
-    """Load split ``train`` or ``test`` (``val`` is an alias) of dataset ``name``.
+    """Load split ``train`` or ``test`` (``val`` is an alias, except for datasets with their own val split) of
+    dataset ``name``.
 
     Returns an ArrayDataset (fashion-mnist, mnist, cifar10, cifar100, synthetic: in memory, with
-    vectorised ``get_batch``) or an ImageFolderDataset (imagenet). Samples are float32 (C, H, W),
+    vectorised ``get_batch``), an ImageFolderDataset (imagenet) or a TokenBlocks (shakespeare: splits
+    train/val/test by work, byte tokens, ``(x, y)`` int64 blocks; kwargs ``block_size`` (128), ``stride``
+    (train only; default block_size), ``milton`` (add Milton to train); see :mod:`prunekit.data.text`).
+    Image samples are float32 (C, H, W),
     normalised with the dataset's standard mean/std unless ``normalize=False`` (then in [0, 1]);
     labels int64. ``augment=None`` means the standard train augmentation on the train split
     (CIFAR: random crop 32 pad 4 + flip; ImageNet: random-resized-crop + flip; MNISTs: none) and
@@ -231,6 +273,11 @@ def get_dataset(
     ``download`` (see :func:`prunekit.data.fetch`). ``seed`` (kwarg) seeds the augmentation.
     """
     spec: DatasetSpec = DATASETS.get(name)
-    if split not in _SPLITS:
+    if spec.splits is not None:
+        if split not in spec.splits:
+            raise ConfigError(f"dataset '{name}' has splits {', '.join(spec.splits)}; got {split!r}")
+    elif split not in _SPLITS:
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}")
-    return spec.build(_SPLITS[split], root=root, download=download, augment=augment, normalize=normalize, **kw)
+    else:
+        split = _SPLITS[split]
+    return spec.build(split, root=root, download=download, augment=augment, normalize=normalize, **kw)

@@ -12,9 +12,11 @@ that does not exist or lacks files is an error naming it and the missing files, 
 another copy. ``$PRUNEKIT_DATA`` is a search location, not an explicit root.
 
 ``fetch`` makes a dataset present: nothing to do → (only with ``allow_apt=True``, i.e. ``prunekit data
-fetch NAME --apt``) the Debian package, as root → download from the official source with MD5
-verification, atomic renames and a path-traversal-safe tar extraction. Loading a dataset never installs
-system packages.
+fetch NAME --apt``) the Debian package, as root → an archive source's file found as a local copy in the
+search locations (``<location>/<archive name>``, also directly in the user cache folder) → download from
+the official source; always with MD5 or SHA-256 verification, atomic renames and a path-traversal-safe
+tar extraction. A dataset with a ``verify`` check (``shakespeare``) found corrupted is re-extracted in
+place. Loading a dataset never installs system packages.
 """
 from __future__ import annotations
 
@@ -29,10 +31,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, DatasetError, unknown_name
+from . import text as _text
 
 __all__ = [
     "LAYOUTS",
@@ -45,6 +49,8 @@ __all__ = [
     "resolve_root",
     "safe_extract_tar",
     "search_locations",
+    "sha256sum",
+    "unsafe_member_path",
 ]
 
 ENV_VAR = "PRUNEKIT_DATA"
@@ -52,12 +58,18 @@ ENV_VAR = "PRUNEKIT_DATA"
 
 @dataclass(frozen=True)
 class Source:
-    """One file of the official distribution: where to get it and its published MD5."""
+    """One file of the official distribution: where to get it and its published MD5 (or pinned SHA-256)."""
 
     url: str
     filename: str
-    md5: str
+    md5: str | None = None
     extract: bool = False  # a tar(.gz) to unpack into the dataset folder, then delete
+    sha256: str | None = None  # checked instead of md5 when given
+    unpack: Callable[[Path, Path], object] | None = None  # (archive, folder) → extract; default safe_extract_tar
+
+    def digest(self) -> tuple[str, str | None]:
+        """(algorithm, expected hex digest) that the file is verified against."""
+        return ("sha256", self.sha256.lower()) if self.sha256 else ("md5", self.md5.lower() if self.md5 else None)
 
 
 def _idx_files() -> tuple[str, ...]:
@@ -80,6 +92,7 @@ class Layout:
     describe: str = ""
     manual: str = ""  # how to get it when it cannot be fetched automatically
     extra: dict = field(default_factory=dict)
+    verify: Callable[[Path], None] | None = None  # raises DatasetError when a found folder's files are corrupted
 
 
 _FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -131,6 +144,15 @@ LAYOUTS: dict[str, Layout] = {
                         "eb9058c3a382ffc7106e4002c42a8d85", extract=True),),
         describe="the python files train and test (folder cifar-100-python/)",
     ),
+    "shakespeare": Layout(
+        files=_text.corpus_files(),
+        aliases=("Shakespeare",),
+        sources=(Source(_text.ARCHIVE_URL, _text.ARCHIVE_NAME, sha256=_text.ARCHIVE_SHA256, extract=True,
+                        unpack=_text.unpack_corpus),),
+        describe=(f"the {len(_text.WORKS)} Project Gutenberg texts <work>.txt extracted from {_text.ARCHIVE_NAME} "
+                  f"and their {_text.MANIFEST}"),
+        verify=_text.verify_corpus,
+    ),
     "imagenet": Layout(
         any_dirs=("train", "val"),
         aliases=("ILSVRC2012", "imagenet-1k"),
@@ -169,6 +191,15 @@ def _missing(layout: Layout, d: Path) -> list[str]:
         if not ((d / f).is_file() or (layout.gz_ok and (d / (f + ".gz")).is_file())):
             out.append(f + ("[.gz]" if layout.gz_ok else ""))
     return out
+
+
+def _missing_note(layout: Layout, d: Path, limit: int = 5) -> str:
+    """``": missing a, b"`` for a folder that exists but lacks files (a partial copy), else ``""``."""
+    missing = _missing(layout, d) if d.is_dir() and layout.files else []
+    if not missing or len(missing) == len(layout.files) + bool(layout.any_dirs):
+        return ""  # absent, or nothing of this dataset in it (a parent root): no news
+    more = f" and {len(missing) - limit} more" if len(missing) > limit else ""
+    return f": missing {', '.join(missing[:limit])}{more}"
 
 
 def _has_files(layout: Layout, d: Path) -> bool:
@@ -217,8 +248,9 @@ def search_locations(name: str, root: str | os.PathLike | None = None) -> list[t
 def _instructions(name: str, layout: Layout) -> str:
     options = []
     if layout.sources:
+        algo = "SHA-256" if layout.sources[0].sha256 else "MD5"
         options.append(f"run `prunekit data fetch {name}` (downloads the official files into the user cache, "
-                       "verified by MD5)")
+                       f"verified by {algo})")
     if layout.apt_package:
         options.append(f"as root on Debian/Ubuntu, install the package {layout.apt_package}: "
                        f"`prunekit data fetch {name} --apt` or `apt-get install {layout.apt_package}`")
@@ -240,7 +272,9 @@ def _explicit_root_error(name: str, layout: Layout, root: Path, cands: list[tupl
     rows = []
     for p, _label in cands:
         if p.is_dir():
-            rows.append(f"  - {p}: missing {', '.join(_missing(layout, p))}")
+            missing = _missing(layout, p)
+            more = f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+            rows.append(f"  - {p}: missing {', '.join(missing[:8])}{more}")
     absent = [str(p.relative_to(root)) for p, _label in cands if not p.is_dir()]
     if absent:
         rows.append(f"  (no sub-folder {', '.join(absent)})")
@@ -263,7 +297,7 @@ def resolve_root(name: str, root: str | os.PathLike | None = None) -> Path:
     if root is not None:
         raise _explicit_root_error(name, layout, Path(root).expanduser(), cands)
     env_note = "" if os.environ.get(ENV_VAR) else f"\n  (${ENV_VAR} is not set)"
-    tried = "\n".join(f"  - {p}  [{label}]" for p, label in cands)
+    tried = "\n".join(f"  - {p}  [{label}]{_missing_note(layout, p)}" for p, label in cands)
     raise DatasetError(
         f"dataset '{name}' not found. Looked for {layout.describe} in, in order:\n{tried}{env_note}\n"
         + _instructions(name, layout)
@@ -274,13 +308,27 @@ def resolve_root(name: str, root: str | os.PathLike | None = None) -> Path:
 # Fetching
 
 
-def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex MD5 of a file (an integrity check against published digests, not a security one)."""
-    h = hashlib.md5(usedforsecurity=False)
+def _hasher(algo: str):
+    return hashlib.sha256() if algo == "sha256" else hashlib.md5(usedforsecurity=False)
+
+
+def file_digest(path: str | os.PathLike, algo: str = "md5", chunk: int = 1 << 20) -> str:
+    """Hex ``md5`` or ``sha256`` of a file."""
+    h = _hasher(algo)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def md5sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex MD5 of a file (an integrity check against published digests, not a security one)."""
+    return file_digest(path, "md5", chunk)
+
+
+def sha256sum(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, "sha256", chunk)
 
 
 def _progress_bar(total: int | None, desc: str, enabled: bool):
@@ -293,18 +341,20 @@ def _progress_bar(total: int | None, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, file=sys.stderr, leave=False)
 
 
-def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, progress: bool = True,
-             timeout: float = 60.0) -> Path:
-    """Download ``url`` to ``dest`` via a temp file in the same folder, verify MD5, then rename.
+def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, sha256: str | None = None,
+             progress: bool = True, timeout: float = 60.0) -> Path:
+    """Download ``url`` to ``dest`` via a temp file in the same folder, verify SHA-256 (if given) or MD5,
+    then rename.
 
     ``dest`` only ever appears complete and verified. Any ``urllib`` scheme works (``file://`` in
     tests). A digest mismatch raises DatasetError naming the file, the expected and actual digest.
     """
     dest = Path(dest)
+    algo, expected = ("sha256", sha256) if sha256 else ("md5", md5)
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     tmp = Path(tmp_name)
-    h = hashlib.md5(usedforsecurity=False)
+    h = _hasher(algo)
     try:
         try:
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
@@ -322,9 +372,9 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, progr
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
             raise DatasetError(f"could not download {url} to {dest}: {e}") from e
         actual = h.hexdigest()
-        if md5 is not None and actual != md5.lower():
+        if expected is not None and actual != expected.lower():
             raise DatasetError(
-                f"checksum mismatch for {dest.name} (from {url}): expected md5 {md5.lower()}, got {actual}. "
+                f"checksum mismatch for {dest.name} (from {url}): expected {algo} {expected.lower()}, got {actual}. "
                 "The download is corrupted or the source changed; it was not kept."
             )
         os.replace(tmp, dest)
@@ -332,6 +382,12 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, progr
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def unsafe_member_path(name: str) -> bool:
+    """Whether a tar member name could escape the extraction folder (absolute, ``..``, ``\\``, a drive)."""
+    p = PurePosixPath(name)
+    return p.is_absolute() or ".." in p.parts or "\\" in name or bool(p.parts and ":" in p.parts[0])
 
 
 def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
@@ -349,7 +405,7 @@ def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> lis
             with tarfile.open(archive, "r:*") as tar:
                 for m in tar:
                     p = PurePosixPath(m.name)
-                    if p.is_absolute() or ".." in p.parts or "\\" in m.name or (p.parts and ":" in p.parts[0]):
+                    if unsafe_member_path(m.name):
                         raise DatasetError(f"{archive}: refusing unsafe member path {m.name!r} (path traversal)")
                     if not p.parts:
                         continue
@@ -410,27 +466,81 @@ def _try_apt(package: str, notes: list[str]) -> bool:
     return True
 
 
+def _local_copy(name: str, src: Source, explicit: Path | None, skip: Path) -> Path | None:
+    """A verified copy of archive ``src.filename`` in the search locations (or the cache folder itself).
+
+    A copy whose digest differs is an error naming it and both digests, never silently replaced.
+    """
+    algo, expected = src.digest()
+    bases = [p for p, _label in search_locations(name, explicit)] + ([cache_dir()] if explicit is None else [])
+    for base in dict.fromkeys(bases):
+        path = base / src.filename
+        if path == skip or not path.is_file():
+            continue
+        actual = file_digest(path, algo)
+        if expected is not None and actual != expected:
+            raise DatasetError(f"checksum mismatch for the local copy {path}: expected {algo} {expected}, got "
+                               f"{actual}. Delete or replace that file.")
+        return path
+    return None
+
+
+def _obtain(name: str, layout: Layout, dest: Path, explicit: Path | None, allow_download: bool,
+            progress: bool) -> bool:
+    """Put every source of ``layout`` into ``dest`` (local copy, else download); False when a download
+    is needed but not allowed (then nothing is done)."""
+    plan = []
+    for src in layout.sources:
+        target = dest / src.filename
+        algo, expected = src.digest()
+        local = target if target.is_file() and file_digest(target, algo) == expected else None
+        if local is None and src.extract:
+            local = _local_copy(name, src, explicit, target)
+        plan.append((src, target, local))
+    if not allow_download and any(local is None for _src, _t, local in plan):
+        return False
+    for src, target, local in plan:
+        if local is None:
+            local = download(src.url, target, src.md5, sha256=src.sha256, progress=progress)
+        if src.extract:
+            (src.unpack or safe_extract_tar)(local, dest)
+            if local == target:
+                target.unlink()
+    return True
+
+
 def fetch(name: str, root: str | os.PathLike | None = None, *, allow_apt: bool = False,
           allow_download: bool = True, progress: bool = True) -> Path:
     """Make dataset ``name`` present and return its folder (as :func:`resolve_root` would).
 
     Without ``root``: already present anywhere → with ``allow_apt=True`` only, ``apt-get install -y
     <package>`` when a Debian package exists, apt-get is there and we are root (installing system
-    packages is always the caller's explicit choice) → download the official files (MD5-verified)
-    into the user cache → DatasetError saying what was tried.
+    packages is always the caller's explicit choice) → a verified local copy of an archive source
+    (see :func:`search_locations`; used even with ``allow_download=False``) → download the official
+    files (MD5/SHA-256-verified) into the user cache → DatasetError saying what was tried.
 
     With ``root``: already in ``root`` → download into ``root/<name>``. ``root`` must be an existing
     folder: a mistyped path is an error, not a new folder filled with a download. The Debian package
     installs into the system folders, so ``allow_apt`` does not apply to an explicit root.
+
+    A found folder that fails the layout's ``verify`` check is re-extracted in place.
     """
     layout = _layout(name)
     explicit = Path(root).expanduser() if root is not None else None
+    repair: Path | None = None
     try:
-        return resolve_root(name, explicit)
+        found = resolve_root(name, explicit)
     except DatasetError as e:
         not_found = str(e)
         if explicit is not None and not explicit.is_dir():
             raise
+    else:
+        try:
+            if layout.verify is not None:
+                layout.verify(found)
+            return found
+        except DatasetError as e:
+            not_found, repair = str(e), found
     notes: list[str] = []
     if allow_apt and layout.apt_package:
         if explicit is not None:
@@ -444,26 +554,20 @@ def fetch(name: str, root: str | os.PathLike | None = None, *, allow_apt: bool =
     elif layout.apt_package and explicit is None:
         notes.append(f"installing the Debian package {layout.apt_package} was not asked for "
                      f"(`prunekit data fetch {name} --apt`, allow_apt=True)")
-    if allow_download and layout.sources:
-        dest = explicit / name if explicit is not None else cache_dir() / name
+    if layout.sources:
+        dest = repair or (explicit / name if explicit is not None else cache_dir() / name)
         try:
-            for src in layout.sources:
-                target = dest / src.filename
-                if not (target.is_file() and md5sum(target) == src.md5):
-                    download(src.url, target, src.md5, progress=progress)
-                if src.extract:
-                    safe_extract_tar(target, dest)
-                    target.unlink()
+            done = _obtain(name, layout, dest, explicit, allow_download, progress)
         except DatasetError as e:
             tried = "".join(f"\n  - {n}" for n in notes)
             raise DatasetError(f"{e}{tried}\n{not_found}") from e
-        try:
-            return resolve_root(name, dest)
-        except DatasetError:
-            raise DatasetError(
-                f"downloaded {name} into {dest} but the expected files ({layout.describe}) are not there"
-            ) from None
-    if not allow_download and layout.sources:
+        if done:
+            try:
+                return resolve_root(name, dest)
+            except DatasetError:
+                raise DatasetError(
+                    f"downloaded {name} into {dest} but the expected files ({layout.describe}) are not there"
+                ) from None
         notes.append("downloading was not allowed")
     if not layout.sources and not layout.apt_package:
         notes.append(f"'{name}' has no automatic source")
