@@ -28,7 +28,7 @@ from ..registry import Registry
 from .graph import ChannelGraph, Group
 from .rules import find_rule
 
-CRITERIA: Registry = Registry("criterion")
+CRITERIA: Registry = Registry("criterion", builtins=("prunekit.baselines.magnitude",))  # + magnitude, magnitude-l2
 
 
 @dataclass
