@@ -61,6 +61,10 @@ class ReconstructOptions:
         ridge: relative ridge ``r`` (λ = r · mean eigenvalue of UᵀU), or None to choose it from
             ``ridge_grid`` on a held-out ``holdout`` fraction of the calibration inputs.
         intercept: fit a constant per output (into the bias, or the following BatchNorm's running mean).
+        add_bias: give a bias-free ``nn.Linear`` (Llama's ``o_proj`` / ``down_proj``) a bias to hold the
+            intercept, as FLAP's bias compensation does. The pruned model then has parameters its dense
+            architecture lacks: a Hugging Face config cannot describe them (``save_pretrained`` is refused),
+            ``prunekit.io`` reloads them.
         batch_size: calibration batch size.
         max_gram_bytes: refuse a consumer whose Gram matrices would exceed this (bytes, float64).
         select: ``criterion`` (the plan's survivors) or ``greedy``: for every group read only by plain
@@ -91,6 +95,7 @@ class ReconstructOptions:
     ridge_grid: tuple[float, ...] = RIDGE_GRID
     holdout: float = 0.2
     intercept: bool = True
+    add_bias: bool = False
     batch_size: int = 100
     max_gram_bytes: int = 2 << 30
     layers: str = "all"
@@ -563,7 +568,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     for name in todo:
         module = model.get_submodule(name)
         norm = follow.get(name) if module.bias is None else None
-        intercept = options.intercept and (module.bias is not None or norm is not None)
+        intercept = options.intercept and (module.bias is not None or norm is not None
+                                           or (options.add_bias and isinstance(module, nn.Linear)))
         gid = _greedy_group(model, graph, name, plan) if options.select == "greedy" else None
         if gid is not None and gid not in selected:
             keep, cached = _select_greedy(model, graph, plan, gid, targets, options, intercept, n_train, skips,

@@ -102,11 +102,11 @@ def sync_config(model: nn.Module, graph: Any, masks: list[np.ndarray]) -> dict[s
         except Exception as e:  # noqa: BLE001 - any failure means the config cannot describe the model
             problems.append(f"{type(model).__name__}(config) fails with the new sizes {changes}: {e}")
         else:
-            diff = [n for n, s in _shapes(model).items() if _shapes(skeleton).get(n) != s]
+            mine, built = _shapes(model), _shapes(skeleton)
+            diff = [n for n in sorted(set(mine) | set(built)) if mine.get(n) != built.get(n)]
             if diff:
-                problems.append(f"a model built from the updated config {changes} differs in "
-                                f"'{diff[0]}' ({tuple(skeleton.get_parameter(diff[0]).shape)} vs "
-                                f"{tuple(model.get_parameter(diff[0]).shape)})")
+                problems.append(f"a model built from the updated config {changes} differs in '{diff[0]}' "
+                                f"({built.get(diff[0], 'absent')} there, {mine.get(diff[0], 'absent')} here)")
     if problems:
         refuse_save_pretrained(model, "; ".join(problems))
         return {}
