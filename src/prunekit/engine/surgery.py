@@ -131,10 +131,11 @@ def apply(model: nn.Module, graph: ChannelGraph, plan: Plan, *, verify: bool = T
     config = sync_config(new, graph, masks)
     if config:
         step.setdefault("", {"type": type(new).__name__})["config"] = config
-    shapes = {name: _module_shapes(new.get_submodule(name)) for name in step}
+    refit = {r.module for r in plan.refits}  # a refit may create a bias: its shapes are recorded too
+    shapes = {name: _module_shapes(new.get_submodule(name)) for name in [*step, *sorted(refit - set(step))]}
     base = getattr(model, "prunekit_record", None)
     base = base if isinstance(base, PruneRecord) else PruneRecord()
-    new.prunekit_record = base.then(step, shapes) if step else base
+    new.prunekit_record = base.then(step, shapes) if step or shapes else base
     if verify:
         _verify(new, graph)
     return new
