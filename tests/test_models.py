@@ -10,8 +10,10 @@ from torch import nn
 
 from prunekit.errors import ConfigError, UnknownNameError
 from prunekit.models import MODELS, arch_of, create, list_models, register_model
+from prunekit.models.hf import TRANSFORMERS_MODELS
 
 ALL = list_models()
+IMAGE_ZOO = [n for n in ALL if n not in TRANSFORMERS_MODELS]  # transformers models: tests/test_train_hf.py
 IMAGENET = {"resnet50", "mobilenetv2"}
 VGG_C10_PRUNED = [32, 64, 128, 128, 256, 256, 256, 256, 256, 256, 256, 256, 256]
 VGG_C100_PRUNED = [32, 64, 128, 128, 256, 256, 256, 512, 512, 256, 256, 256, 256]
@@ -102,7 +104,7 @@ def test_registry_lists_contract_models():
     assert expected <= set(ALL) and ALL == sorted(ALL) and ALL == MODELS.names()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 def test_forward_default_input(name):
     model = small(name).eval()
     c, h, w = model.input_shape
@@ -112,7 +114,7 @@ def test_forward_default_input(name):
         assert model(torch.randn(2, c, h, w)).shape == (2, num_classes)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 def test_forward_one_channel_28(name):
     model = create(name, in_channels=1, input_size=28, num_classes=7)
     assert model.input_shape == (1, 28, 28)
@@ -120,7 +122,7 @@ def test_forward_one_channel_28(name):
     assert out.shape == (2, 7) and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 def test_arch_roundtrip(name):
     model = small(name)
     arch = arch_of(model)
@@ -136,7 +138,7 @@ def test_arch_roundtrip(name):
     assert rebuilt.input_shape == model.input_shape
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", IMAGE_ZOO)
 def test_fx_trace_matches_eager(name):
     model = small(name).eval()
     traced = torch.fx.symbolic_trace(model)

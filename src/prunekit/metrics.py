@@ -30,9 +30,12 @@ __all__ = [
     "count_macs",
     "count_params",
     "evaluate",
+    "evaluate_lm",
     "layer_macs",
     "measure_latency",
+    "perplexity",
     "sparsity",
+    "token_nll",
 ]
 
 
@@ -427,3 +430,77 @@ def evaluate(
     result["loss"] = loss_sum / count
     result["samples"] = count
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# Language models: token NLL and perplexity
+# --------------------------------------------------------------------------------------------
+
+#: target id that token losses and metrics skip (Hugging Face's convention for padding / unlabelled tokens)
+IGNORE_INDEX = -100
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL, number of scored tokens and number of correct top-1 predictions.
+
+    logits (B, T, V) (``.logits`` of a model output is taken); targets (B, T) token ids, ``ignore_index``
+    skipped. Returns three float64 scalars on the logits' device.
+    """
+    logits = getattr(logits, "logits", logits)
+    flat, y = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    keep = y != ignore_index
+    nll = F.cross_entropy(flat.float(), y, ignore_index=ignore_index, reduction="sum")
+    correct = ((flat.argmax(dim=-1) == y) & keep).sum()
+    return nll.double(), keep.sum().double(), correct.double()
+
+
+def perplexity(mean_nll: float) -> float:
+    """``exp(mean token NLL)`` (nats); ``inf`` where it overflows."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return math.inf
+
+
+def _xy(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(inputs, targets)`` of a ``(x, y, ...)`` batch or a dict batch holding ``labels``."""
+    if isinstance(batch, dict):
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    return batch[0], batch[1]
+
+
+def evaluate_lm(model: nn.Module, loader: Iterable, *, device: str | torch.device | None = None,
+                ignore_index: int = IGNORE_INDEX) -> dict:
+    """Perplexity of a causal LM over ``loader``: batches ``(ids (B, T), targets (B, T))`` with the targets
+    the inputs shifted by one (or dicts of model kwargs holding ``labels``, already aligned the same way).
+
+    Returns ``{"loss": mean token NLL (nats), "perplexity": exp(loss), "accuracy": next-token top-1 %,
+    "tokens": scored tokens, "samples": sequences}``; the model may return logits (B, T, V) or an object
+    with ``.logits``. Sums are float64 and, under torch.distributed, all-reduced over ranks.
+    """
+    orig_device, _ = _model_device_dtype(model)
+    dev = torch.device(device) if device is not None else orig_device
+    if dev != orig_device:
+        model.to(dev)
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # nll, tokens, correct, sequences
+    try:
+        with eval_mode(model):
+            for batch in loader:
+                x, y = _xy(batch)
+                x, y = _to(x, dev), _to(y, dev)
+                sums[:3] += torch.stack(token_nll(call(model, x), y, ignore_index))
+                sums[3] += y.shape[0]
+    finally:
+        if dev != orig_device:
+            model.to(orig_device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        comm = sums.to("cpu") if torch.distributed.get_backend() == "gloo" else sums
+        torch.distributed.all_reduce(comm)
+        sums = comm
+    nll, tokens, correct, seqs = sums.tolist()
+    if tokens == 0:
+        raise ConfigError("evaluate_lm: the loader yielded no scored tokens")
+    loss = nll / tokens
+    return {"loss": loss, "perplexity": perplexity(loss), "accuracy": 100.0 * correct / tokens,
+            "tokens": round(tokens), "samples": round(seqs)}

@@ -3,10 +3,19 @@
 One epoch, on every rank::
 
     loader.set_epoch(e); reseed RNGs from (seed, e, rank)
-    for each batch:  loss = CE(model(x), y) + Σ_r r.penalty(module)   →  backward  →  optimizer.step()
+    for each batch:  loss = CE(model(x), y) + Σ_r r.penalty(module)   →  backward  →  [clip]  →  optimizer.step()
                      r.after_step(module) for every regularizer         (projection, e.g. a clamp)
     scheduler.step(); evaluate on the test set; callbacks may add keys to the epoch's record
     rank 0: append the record to out_dir/log.jsonl and write the resume checkpoint out_dir/last
+
+Models and tasks: the model may return logits or an object with ``.logits`` (Hugging Face ``ModelOutput``);
+a batch is ``(x, y, ...)`` with ``x`` a tensor (positional) or a dict (keyword arguments), or a dict whose
+``labels`` are ``y``; ``use_cache=False`` is passed to models whose forward takes it. The task is
+``classification`` (logits (B, C), targets (B,): top-1 / top-5 accuracy) or ``causal-lm`` (logits (B, T, V),
+targets (B, T) = the input ids shifted by one, ``-100`` skipped: the loss is the mean token cross-entropy and
+the metric the perplexity ``exp(mean token NLL)`` over all evaluated tokens, plus next-token accuracy). It is
+taken from ``task=``, else from the dataset (``dataset.task`` or ``dataset.info.task``), else from the first
+batch's shapes.
 
 Exact resume: everything random is a function of ``(seed, epoch, rank)``: the loader's order and
 augmentation (``make_loader(seed=...)`` + ``set_epoch``) and the torch / python / numpy RNG streams,
@@ -23,6 +32,8 @@ rank 0 prints and writes files.
 from __future__ import annotations
 
 import contextlib
+import inspect
+import itertools
 import json
 import logging
 import math
@@ -46,13 +57,17 @@ from .optim import SCHEDULES
 from .recipes import TrainRecipe, get_recipe
 from .regularizers import Regularizer
 
-__all__ = ["NonFiniteLossError", "TrainResult", "Trainer", "seed_everything", "train"]
+__all__ = ["TASKS", "LogitsOf", "NonFiniteLossError", "TrainResult", "Trainer", "dataset_task", "infer_task",
+           "model_logits", "seed_everything", "split_batch", "train"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_STEM = "last"
 LOG_NAME = "log.jsonl"
 _FORMAT = "prunekit-train/1"
+TASKS = ("classification", "causal-lm")
+_TASK_ALIASES = {"classification": "classification", "causal-lm": "causal-lm", "causal_lm": "causal-lm",
+                 "lm": "causal-lm", "language-modeling": "causal-lm"}
 
 
 class NonFiniteLossError(PrunekitError, FloatingPointError):
@@ -61,7 +76,8 @@ class NonFiniteLossError(PrunekitError, FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What :func:`train` / :meth:`Trainer.fit` return. ``accuracy`` is the final test top-1 in percent."""
+    """What :func:`train` / :meth:`Trainer.fit` return. ``accuracy`` is the final test top-1 in percent
+    (causal LMs: next-token top-1; their ``extra`` holds ``task`` and ``perplexity``)."""
 
     model: nn.Module
     accuracy: float
@@ -79,6 +95,11 @@ class TrainResult:
         return {"accuracy": self.accuracy, "top5": self.top5, "test_loss": self.test_loss, "params": self.params,
                 "macs": self.macs, "epochs": self.epochs,
                 "checkpoint": str(self.checkpoint_path) if self.checkpoint_path else None, **self.extra}
+
+    @property
+    def perplexity(self) -> float | None:
+        """Final test perplexity of a causal LM (``None`` for classification)."""
+        return self.extra.get("perplexity")
 
 
 def seed_everything(seed: int) -> None:
@@ -99,6 +120,88 @@ def _jsonable(v: Any) -> Any:
     raise TypeError(f"log record value of type {type(v).__name__} is not JSON-serialisable")
 
 
+def model_logits(out: Any) -> torch.Tensor:
+    """The logits of a model output: ``out.logits`` (HF ``ModelOutput``), ``out["logits"]``, or ``out`` itself."""
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    return out if logits is None else logits
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(x, y)`` of a batch: ``(x, y, ...)`` tuples / lists, or a dict whose ``labels`` are ``y`` (rest: x)."""
+    if isinstance(batch, dict):
+        if "labels" not in batch:
+            raise ConfigError(f"a dict batch needs 'labels' (the targets); it has {sorted(batch)}")
+        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
+    return batch[0], batch[1]
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, dict):
+        return {k: _to_device(v, device) for k, v in x.items()}
+    return x
+
+
+def _first_rows(x: Any) -> Any:
+    """A batch of one: ``x[:1]`` of a tensor, of every tensor of a dict."""
+    if isinstance(x, dict):
+        return {k: v[:1].detach().clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+    return x[:1].detach().clone()
+
+
+def forward_kwargs(module: nn.Module) -> dict[str, Any]:
+    """Keyword arguments every training / evaluation forward gets: ``use_cache=False`` where ``forward``
+    takes ``use_cache`` (HF decoders would otherwise build a key/value cache)."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def dataset_task(dataset: Any) -> str | None:
+    """The task a dataset declares (``dataset.task`` or ``dataset.info.task``), normalised to :data:`TASKS`;
+    ``None`` when it declares none (or one the trainer does not know: the shapes decide)."""
+    for obj in (dataset, getattr(dataset, "info", None)):
+        task = getattr(obj, "task", None)
+        if isinstance(task, str):
+            return _TASK_ALIASES.get(task.lower())
+    return None
+
+
+def infer_task(logits: torch.Tensor, targets: torch.Tensor) -> str:
+    """``causal-lm`` for logits (B, T, V) with integer targets (B, T), else ``classification``."""
+    lm = (logits.dim() == 3 and targets.dim() == 2 and tuple(logits.shape[:2]) == tuple(targets.shape)
+          and not targets.is_floating_point())
+    return "causal-lm" if lm else "classification"
+
+
+class LogitsOf(nn.Module):
+    """``model`` seen as a plain logits function: ``forward(*args, **kw)`` returns :func:`model_logits` of
+    ``model(*args, **call_kwargs, **kw)`` (for :func:`prunekit.metrics.evaluate` on HF models)."""
+
+    def __init__(self, model: nn.Module, **call_kwargs: Any):
+        super().__init__()
+        self.model = model
+        self.call_kwargs = call_kwargs
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return model_logits(self.model(*args, **self.call_kwargs, **kwargs))
+
+
+class _Pairs:
+    """A loader whose batches are re-shaped to ``(x, y)`` by :func:`split_batch`."""
+
+    def __init__(self, loader: Iterable):
+        self.loader = loader
+
+    def __iter__(self):
+        return (split_batch(b) for b in self.loader)
+
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -109,7 +212,8 @@ class Trainer:
     """Train ``model`` with ``recipe``; see the module docstring for the epoch loop.
 
     Args:
-        model: any ``nn.Module`` mapping a batch ``x`` to logits ``[B, num_classes]``.
+        model: any ``nn.Module`` mapping a batch ``x`` to logits ``[B, num_classes]`` (or ``[B, T, V]`` for a
+            causal LM), or to an object with ``.logits`` (Hugging Face models).
         recipe: a :class:`~prunekit.recipes.TrainRecipe` or a registered recipe name.
         train_set, test_set: map-style datasets; loaders are built with ``prunekit.data.make_loader``
             (train: shuffled with ``seed``; under DDP sharded by rank). Or pass ``train_loader`` /
@@ -125,12 +229,14 @@ class Trainer:
         progress: tqdm bar per epoch and a summary line (rank 0 only).
         log: callable receiving each human-readable summary line (default: tqdm.write to stderr when
             ``progress``); lines also go to the ``prunekit.train`` logger.
-        loss_fn: ``(logits, targets) -> batch-mean loss``; default cross-entropy.
+        loss_fn: ``(logits, targets) -> batch-mean loss``; default cross-entropy (with the recipe's
+            ``label_smoothing``; causal LM: mean token cross-entropy, targets ``-100`` skipped).
         param_groups: what the optimizer optimizes (default ``model.parameters()``), e.g. groups with
             their own weight decay.
         drop_last: drop the last incomplete training batch.
         num_workers: loader worker processes (only datasets without a vectorised ``get_batch``).
         metadata: extra keys stored in ``model.json`` (e.g. ``{"dataset": "cifar10"}``).
+        task: ``"classification"`` or ``"causal-lm"``; default: the dataset's, else from the first batch.
     """
 
     def __init__(self, model: nn.Module, recipe: TrainRecipe | str, *, train_set=None, test_set=None,
@@ -140,7 +246,7 @@ class Trainer:
                  amp: bool | str = False, progress: bool = True, log: Callable[[str], None] | None = None,
                  loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                  param_groups: Iterable | None = None, drop_last: bool = False, num_workers: int = 0,
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, task: str | None = None):
         self.recipe = get_recipe(recipe) if isinstance(recipe, str) else recipe
         if not isinstance(self.recipe, TrainRecipe):
             raise ConfigError(f"recipe must be a TrainRecipe or a recipe name, got {type(recipe).__name__}")
@@ -156,6 +262,10 @@ class Trainer:
         self.progress = progress and self.is_main
         self._log_fn = log
         self.loss_fn = loss_fn or F.cross_entropy
+        self._custom_loss = loss_fn is not None
+        if task is not None and task not in TASKS:
+            raise ConfigError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task: str | None = task or dataset_task(train_set if train_set is not None else test_set)
         self.metadata = dict(metadata or {})
         if getattr(train_set, "name", None):
             self.metadata.setdefault("dataset", train_set.name)
@@ -171,6 +281,7 @@ class Trainer:
                                                             drop_last, num_workers)
 
         self.module = model.to(self.device)  # the underlying model, never the DDP wrapper
+        self._call_kwargs = forward_kwargs(self.module)
         self.model: nn.Module = self.module  # what forward runs on (DDP-wrapped in fit() when W > 1)
         self.optimizer = self.recipe.build_optimizer(self.module.parameters() if param_groups is None
                                                      else param_groups)
@@ -182,6 +293,7 @@ class Trainer:
         self.global_step = 0  # optimizer steps taken
         self.history: list[dict[str, Any]] = []
         self._input_shape: tuple[int, ...] | None = None
+        self._example: Any = None  # the first training input, batch of one (MACs of token models)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -260,9 +372,8 @@ class Trainer:
             lr = self.optimizer.param_groups[0]["lr"]
             record: dict[str, Any] = {"epoch": e, **self._train_epoch(e)}
             self.scheduler.step()
-            test = self._evaluate()
-            record.update({"test_loss": test["loss"], "accuracy": test["accuracy"], "top5": test.get("top5"),
-                           "lr": lr, "time_s": round(time.perf_counter() - start, 3)})
+            record.update(self._test_record(self._evaluate()))
+            record.update({"lr": lr, "time_s": round(time.perf_counter() - start, 3)})
             self.epoch = e + 1
             for cb in self.callbacks:
                 hook = getattr(cb, "on_epoch_end", None)
@@ -274,9 +385,7 @@ class Trainer:
                 with open(self.out_dir / LOG_NAME, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 self._save_checkpoint()
-            self._say(f"epoch {e + 1}/{recipe.epochs}  loss {record['train_loss']:.4f}  "
-                      f"train {record['train_accuracy']:.2f}%  test {record['accuracy']:.2f}%  "
-                      f"lr {lr:.3g}  {record['time_s']:.1f}s")
+            self._say(self._summary(e, record))
         self.model = self.module  # drop the DDP wrapper: it holds the process group alive
         result = self._finish()
         for cb in self.callbacks:
@@ -286,8 +395,9 @@ class Trainer:
         return result
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
-        """One pass over the training loader; returns mean train loss / accuracy over all ranks' samples."""
-        module, loader, opt = self.module, self.train_loader, self.optimizer
+        """One pass over the training loader (at most ``recipe.steps_per_epoch`` steps); returns mean train
+        loss / accuracy over all ranks' samples (causal LM: per token, plus the train perplexity)."""
+        loader = self.train_loader
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
         from .data.transforms import mix_seed
@@ -298,56 +408,16 @@ class Trainer:
         torch.manual_seed(s)
         for r in self.regularizers:
             r.on_epoch_start(epoch)
-        module.train()
+        self.module.train()
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # Σ loss·n, Σ correct, Σ n, Σ penalty
-        n_steps = len(loader)
+        n_steps = self._steps_per_epoch()
         from tqdm import tqdm
 
-        bar = tqdm(loader, total=n_steps, desc=f"epoch {epoch + 1}/{self.recipe.epochs}", leave=False,
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(itertools.islice(loader, n_steps), total=n_steps, desc=f"epoch {epoch + 1}/{self.recipe.epochs}",
+                   leave=False, disable=not self.progress, dynamic_ncols=True)
         try:
-            for step, (x, y) in enumerate(bar):
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if self._input_shape is None:
-                    self._input_shape = tuple(x.shape[1:])
-                with self._autocast():
-                    out = self.model(x)
-                    loss = self.loss_fn(out, y)
-                n = y.shape[0]
-                scale = 1.0
-                if self.world_size > 1 and step == n_steps - 1:
-                    # DDP averages per-rank means; a short last batch may split unevenly, so weight each
-                    # rank's mean by n_rank·W/n_total to get the mean over the whole global batch.
-                    total_n = dist.all_reduce_sum(torch.tensor([float(n)], device=self.device)).item()
-                    scale = n * self.world_size / total_n
-                total = loss.float() * scale if scale != 1.0 else loss.float()
-                penalty = self._penalty()
-                if penalty is not None:
-                    total = total + penalty
-                # One host sync per step: stop *before* a non-finite loss reaches the weights (all
-                # ranks decide together, so none is left waiting in a collective).
-                value = dist.all_reduce_sum(total.detach().reshape(1).clone()).item()
-                if not math.isfinite(value):
-                    self._raise_nonfinite(epoch, step, n_steps, loss, penalty)
-                opt.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(total).backward()
-                    self.scaler.step(opt)
-                    self.scaler.update()
-                else:
-                    total.backward()
-                    opt.step()
-                if self.regularizers:
-                    with torch.no_grad():
-                        for r in self.regularizers:
-                            r.after_step(module)
-                self.global_step += 1
-                with torch.no_grad():  # no host sync: summed on the device, read once per epoch
-                    sums[0] += loss.detach().double() * n
-                    sums[1] += (out.argmax(dim=1) == y).sum()
-                    sums[2] += n
-                    if penalty is not None:
-                        sums[3] += penalty.detach().double()
+            for step, batch in enumerate(bar):
+                value = self._train_step(epoch, step, n_steps, batch, sums)
                 if self.progress and step % 10 == 0:
                     bar.set_postfix(loss=f"{value / self.world_size:.4f}", refresh=False)
         finally:
@@ -355,9 +425,126 @@ class Trainer:
         dist.all_reduce_sum(sums)
         loss_sum, correct, count, penalty_sum = sums.tolist()
         stats = {"train_loss": loss_sum / max(count, 1.0), "train_accuracy": 100.0 * correct / max(count, 1.0)}
+        if self.task == "causal-lm":
+            from .metrics import perplexity
+
+            stats["train_perplexity"] = perplexity(stats["train_loss"])
         if self.regularizers:  # the penalty is the same on every rank: mean over steps
             stats["train_penalty"] = penalty_sum / max(n_steps * self.world_size, 1)
         return stats
+
+    def _train_step(self, epoch: int, step: int, n_steps: int, batch: Any, sums: torch.Tensor) -> float:
+        """Forward, loss, backward, (clip,) optimizer step and regularizer hooks for one batch; adds to
+        ``sums`` = [Σ loss·n, Σ correct, Σ n, Σ penalty] (n: samples, or scored tokens for a causal LM).
+        Returns the all-reduced total loss (sum over ranks)."""
+        x, y = split_batch(batch)
+        x, y = _to_device(x, self.device), _to_device(y, self.device)
+        if self._example is None:
+            self._example = _first_rows(x)
+            if isinstance(x, torch.Tensor):
+                self._input_shape = tuple(x.shape[1:])
+        self._set_step_lr(epoch, step, n_steps)
+        with self._autocast():
+            out = self._forward(self.model, x)
+            if self.task is None:
+                self.task = infer_task(out, y)
+            loss = self._loss(out, y)
+        n = self._count(y)
+        scale = 1.0
+        if self.world_size > 1 and step == n_steps - 1:
+            # DDP averages per-rank means; a short last batch may split unevenly, so weight each
+            # rank's mean by n_rank·W/n_total to get the mean over the whole global batch.
+            total_n = dist.all_reduce_sum(torch.tensor([float(n)], device=self.device)).item()
+            scale = float(n) * self.world_size / total_n
+        total = loss.float() * scale if scale != 1.0 else loss.float()
+        penalty = self._penalty()
+        if penalty is not None:
+            total = total + penalty
+        # One host sync per step: stop *before* a non-finite loss reaches the weights (all
+        # ranks decide together, so none is left waiting in a collective).
+        value = dist.all_reduce_sum(total.detach().reshape(1).clone()).item()
+        if not math.isfinite(value):
+            self._raise_nonfinite(epoch, step, n_steps, loss, penalty)
+        self._backward_and_step(total)
+        if self.regularizers:
+            with torch.no_grad():
+                for r in self.regularizers:
+                    r.after_step(self.module)
+        self.global_step += 1
+        with torch.no_grad():  # no host sync: summed on the device, read once per epoch
+            sums[0] += loss.detach().double() * n
+            sums[1] += self._correct(out, y)
+            sums[2] += n
+            if penalty is not None:
+                sums[3] += penalty.detach().double()
+        return value
+
+    def _forward(self, model: nn.Module, x: Any) -> torch.Tensor:
+        """Logits of ``model`` on ``x`` (a dict goes in as keyword arguments)."""
+        out = model(**x, **self._call_kwargs) if isinstance(x, dict) else model(x, **self._call_kwargs)
+        return model_logits(out)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Batch-mean training loss: ``loss_fn``, else cross-entropy (token-mean for a causal LM)."""
+        if self._custom_loss:
+            return self.loss_fn(logits, y)
+        if self.task == "causal-lm":
+            from .metrics import IGNORE_INDEX
+
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), ignore_index=IGNORE_INDEX)
+        if self.recipe.label_smoothing:
+            return F.cross_entropy(logits, y, label_smoothing=self.recipe.label_smoothing)
+        return self.loss_fn(logits, y)
+
+    def _count(self, y: torch.Tensor) -> int | torch.Tensor:
+        """Samples in the batch; scored tokens (a device tensor) for a causal LM."""
+        if self.task == "causal-lm":
+            from .metrics import IGNORE_INDEX
+
+            return (y != IGNORE_INDEX).sum()
+        return y.shape[0]
+
+    def _correct(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.task == "causal-lm":
+            from .metrics import IGNORE_INDEX
+
+            return ((logits.argmax(dim=-1) == y) & (y != IGNORE_INDEX)).sum()
+        return (logits.argmax(dim=1) == y).sum()
+
+    def _backward_and_step(self, total: torch.Tensor) -> None:
+        """Backward, optional gradient-norm clipping (``recipe.grad_clip``) and the optimizer step."""
+        opt, clip = self.optimizer, self.recipe.grad_clip
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            if clip:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            total.backward()
+            if clip:
+                torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
+            opt.step()
+
+    def _steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: the loader's length, capped by ``recipe.steps_per_epoch``."""
+        n = len(self.train_loader)
+        cap = self.recipe.steps_per_epoch
+        return min(n, cap) if cap else n
+
+    def _set_step_lr(self, epoch: int, step: int, n_steps: int) -> None:
+        """Per-step lr (only with warm-up or ``schedule_per_step``), in closed form from the step counters:
+        ``base · factor(e [+ i/n]) · min(1, (global_step + 1) / warmup_steps)``."""
+        r = self.recipe
+        if not r.steps_lr_shaped:
+            return
+        at = epoch + step / n_steps if r.schedule_per_step else epoch
+        warm = min(1.0, (self.global_step + 1) / r.warmup_steps) if r.warmup_steps else 1.0
+        sched = self.scheduler
+        for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * factor(at) * warm
 
     def _penalty(self) -> torch.Tensor | None:
         terms = [p for p in (r.penalty(self.module) for r in self.regularizers) if p is not None]
@@ -379,17 +566,46 @@ class Trainer:
             f"with it; {where}. Lower the learning rate or check the data / regularizer strength.")
 
     def _evaluate(self) -> dict[str, Any]:
-        from .metrics import evaluate
+        """Test metrics: :func:`prunekit.metrics.evaluate` (classification) or ``evaluate_lm`` (causal LM)."""
+        from .metrics import evaluate, evaluate_lm
 
+        view, loader = LogitsOf(self.module, **self._call_kwargs), _Pairs(self.test_loader)
+        if self.task is None:
+            self.task = self._task_from_test_batch(view)
         with self._autocast():
-            return evaluate(self.module, self.test_loader, device=self.device,
+            if self.task == "causal-lm":
+                return evaluate_lm(view, loader, device=self.device)
+            return evaluate(view, loader, device=self.device,
                             criterion=None if self.loss_fn is F.cross_entropy else self.loss_fn)
+
+    def _task_from_test_batch(self, view: nn.Module) -> str:
+        """Decide the task from the shapes of one test batch (before any training step decided it)."""
+        from .runtime import call, eval_mode
+
+        x, y = split_batch(next(iter(self.test_loader)))
+        with eval_mode(view), self._autocast():
+            return infer_task(call(view, _to_device(x, self.device)), y)
+
+    def _test_record(self, test: dict[str, Any]) -> dict[str, Any]:
+        """The epoch record's test keys: loss and accuracy (+ top-5, or the perplexity of a causal LM)."""
+        if self.task == "causal-lm":
+            return {"test_loss": test["loss"], "perplexity": test["perplexity"], "accuracy": test["accuracy"]}
+        return {"test_loss": test["loss"], "accuracy": test["accuracy"], "top5": test.get("top5")}
+
+    def _summary(self, e: int, record: dict[str, Any]) -> str:
+        head = f"epoch {e + 1}/{self.recipe.epochs}  loss {record['train_loss']:.4f}  "
+        tail = f"lr {record['lr']:.3g}  {record['time_s']:.1f}s"
+        if self.task == "causal-lm":
+            return (head + f"train ppl {record['train_perplexity']:.3f}  test loss {record['test_loss']:.4f}  "
+                    f"test ppl {record['perplexity']:.3f}  " + tail)
+        return head + f"train {record['train_accuracy']:.2f}%  test {record['accuracy']:.2f}%  " + tail
 
     def _check_equal_steps(self) -> None:
         """Every rank must take the same number of steps per epoch, or DDP would hang."""
         import torch.distributed as tdist
 
-        n = torch.tensor([len(self.train_loader), -len(self.train_loader)], device=self.device)
+        steps = self._steps_per_epoch()
+        n = torch.tensor([steps, -steps], device=self.device)
         tdist.all_reduce(n, op=tdist.ReduceOp.MAX)
         if n[0].item() != -n[1].item():
             raise ConfigError(f"ranks have different numbers of training batches per epoch (between "
@@ -421,6 +637,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "seed": self.seed,
+            "task": self.task,
             "recipe": self.recipe.to_dict(),
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -453,6 +670,7 @@ class Trainer:
             r.load_state_dict(s)
         self.epoch, self.global_step = int(state["epoch"]), int(state["global_step"])
         self.history = list(state["history"])
+        self.task = self.task or state.get("task")
 
     def _same_lr_so_far(self, saved_epochs: Any, done: int) -> bool:
         """Whether a run planned for ``saved_epochs`` used the same LR factors for its first ``done``
@@ -464,7 +682,9 @@ class Trainer:
         make = SCHEDULES.get(r.schedule)
         kw = {"step_size": r.step_size, "milestones": tuple(r.milestones), "gamma": r.gamma}
         before, now = make(epochs=saved_epochs, **kw), make(epochs=r.epochs, **kw)
-        return all(math.isclose(before(e), now(e), rel_tol=0, abs_tol=0) for e in range(done))
+        n = self._steps_per_epoch() if r.schedule_per_step else 1  # per step: every step's fractional epoch
+        points = (e + i / n for e in range(done) for i in range(n))
+        return all(math.isclose(before(t), now(t), rel_tol=0, abs_tol=0) for t in points)
 
     def _check_compatible(self, state: dict[str, Any]) -> None:
         """Refuse a checkpoint written by a different model, recipe, seed or regularizer list."""
@@ -485,13 +705,17 @@ class Trainer:
             raise CheckpointError(f"{stem}: the checkpoint was written for a different model ({', '.join(bits)}); "
                                   f"use a fresh out_dir or resume=False")
         ours = self.recipe.to_dict()
-        theirs = dict(state["recipe"])
+        # a field the checkpoint lacks was added to TrainRecipe later: the run used its default (= off)
+        theirs = {**TrainRecipe().to_dict(), **state["recipe"]}
         ignore = {"name"} | ({"epochs"} if self._same_lr_so_far(theirs.get("epochs"), int(state["epoch"])) else set())
         diff = [f"{k}: checkpoint {theirs.get(k)!r} vs now {ours[k]!r}" for k in ours
                 if k not in ignore and theirs.get(k) != ours[k]]
         if diff:
             raise ConfigError(f"{stem}: the checkpoint was written with a different recipe ({'; '.join(diff)}); "
                               f"use a fresh out_dir or resume=False")
+        if self.task and state.get("task") and state["task"] != self.task:
+            raise ConfigError(f"{stem}: the checkpoint was written for task {state['task']!r}, this run is "
+                              f"{self.task!r}")
         if state["seed"] != self.seed:
             raise ConfigError(f"{stem}: the checkpoint was written with seed={state['seed']}, this run has "
                               f"seed={self.seed}")
@@ -504,15 +728,17 @@ class Trainer:
 
     def _finish(self) -> TrainResult:
         """Final metrics, sizes and ``model.safetensors`` + ``model.json`` (rank 0)."""
-        from .metrics import count_macs, count_params
+        from .metrics import count_params
 
         last = self.history[-1] if self.history else self._final_eval_record()
-        if self._input_shape is None:
-            self._input_shape = tuple(next(iter(self.test_loader))[0].shape[1:])
+        if self._example is None:
+            self._example = _first_rows(_to_device(split_batch(next(iter(self.test_loader)))[0], self.device))
         params = count_params(self.module)
-        macs = count_macs(self.module, input_shape=self._input_shape)
+        macs = self._macs()
         checkpoint = None
         extra = {"seed": self.seed, "recipe": self.recipe.name, "dataset": self.metadata.get("dataset")}
+        lm = {"task": "causal-lm", "perplexity": last["perplexity"]} if self.task == "causal-lm" else {}
+        extra.update(lm)
         if self.out_dir is not None:
             checkpoint = self.out_dir / "model.safetensors"
             if self.is_main:
@@ -521,7 +747,7 @@ class Trainer:
                 meta = {**self.metadata, "recipe": self.recipe.to_dict(), "seed": self.seed,
                         "accuracy": last["accuracy"], "top5": last.get("top5"), "test_loss": last["test_loss"],
                         "epochs": self.epoch, "params": params, "macs": macs, "world_size": self.world_size,
-                        "checkpoint": str(checkpoint)}
+                        "checkpoint": str(checkpoint), **lm}
                 save_model(self.out_dir, self.module, metadata=meta)
             dist.barrier()
         return TrainResult(model=self.module, accuracy=last["accuracy"], history=list(self.history),
@@ -529,8 +755,16 @@ class Trainer:
                            test_loss=last["test_loss"], epochs=self.epoch, extra=extra)
 
     def _final_eval_record(self) -> dict[str, Any]:
-        test = self._evaluate()
-        return {"accuracy": test["accuracy"], "top5": test.get("top5"), "test_loss": test["loss"]}
+        return self._test_record(self._evaluate())
+
+    def _macs(self) -> int:
+        """Per-sample MACs: zeros of the input shape for float inputs, else the first real input (token ids)."""
+        from .metrics import count_macs
+
+        ex = self._example
+        if isinstance(ex, torch.Tensor) and ex.is_floating_point():
+            return count_macs(self.module, input_shape=tuple(ex.shape[1:]))
+        return count_macs(self.module, ex)
 
 
 def train(model: nn.Module, train_set, test_set, recipe: TrainRecipe | str, *, out_dir: str | Path | None = None,

@@ -52,13 +52,23 @@ def device_for(name: str | None) -> str:
 
 
 def model_config_for(dataset: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """Adapt a zoo model to a dataset's input (channels, size) and class count."""
+    """Adapt a zoo model to a dataset's input (channels, size) and class count. Token datasets (a causal-LM
+    task, or inputs that are not (C, H, W)) set only ``vocab_size`` (when the dataset declares one)."""
     from ..data import dataset_info
 
     info = dataset_info(dataset)
+    if _is_token_dataset(info):
+        vocab = getattr(info, "vocab_size", None)
+        return {**({"vocab_size": vocab} if vocab else {}), **extra}
     cfg = {"num_classes": info.num_classes, "in_channels": info.input_shape[0], "input_size": info.input_shape[1]}
     cfg.update(extra)
     return cfg
+
+
+def _is_token_dataset(info: Any) -> bool:
+    from ..train import dataset_task
+
+    return dataset_task(info) == "causal-lm" or len(tuple(getattr(info, "input_shape", ()) or ())) != 3
 
 
 def size_report(model, input_shape) -> dict[str, int]:

@@ -15,11 +15,16 @@ from .base import (
 def cmd_models(args: argparse.Namespace) -> Report:
     from ..metrics import count_params
     from ..models import create, list_models
+    from ..models.hf import TransformersMissingError
 
     rows = []
     for name in list_models():
-        model = create(name)
-        rows.append({"name": name, "params": count_params(model), "input_shape": list(model.input_shape)})
+        try:
+            model = create(name)
+        except TransformersMissingError:  # optional: listed once `pip install prunekit[transformers]`
+            continue
+        shape = getattr(model, "input_shape", None)  # token models (llama-shakespeare) have none
+        rows.append({"name": name, "params": count_params(model), "input_shape": list(shape) if shape else []})
     return _listing("models", rows, "params", "params", "{:>12,}")
 
 
@@ -37,9 +42,9 @@ def cmd_datasets(args: argparse.Namespace) -> Report:
 def _listing(key: str, rows: list[dict[str, Any]], column: str, header: str, fmt: str) -> Report:
     """``{key: rows}`` and a table of name, ``column`` (titled ``header``, formatted with ``fmt``), input shape."""
     def render() -> None:
-        print(f"{key.removesuffix('s'):<16} {header:>{len(fmt.format(0))}}  input")
+        print(f"{key.removesuffix('s'):<18} {header:>{len(fmt.format(0))}}  input")
         for r in rows:
-            print(f"{r['name']:<16} {fmt.format(r[column])}  {'×'.join(map(str, r['input_shape']))}")
+            print(f"{r['name']:<18} {fmt.format(r[column])}  {'×'.join(map(str, r['input_shape'])) or 'tokens'}")
 
     return {key: rows}, render
 

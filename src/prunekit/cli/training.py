@@ -54,8 +54,13 @@ def cmd_train(args: argparse.Namespace) -> Report:
                    resume=args.resume, device=device_for(args.device), progress=not args.json,
                    metadata={"dataset": args.dataset}, callbacks=callbacks, regularizers=regularizers)
     report = {"model": args.model, "dataset": args.dataset, "recipe": recipe.name, "epochs": recipe.epochs,
-              "seed": args.seed, "accuracy": result.accuracy,
-              **size_report(result.model, test_set[0][0].shape), "checkpoint": str(result.checkpoint_path)}
+              "seed": args.seed}
+    if result.perplexity is not None:  # causal LM: perplexity and token loss; next-token accuracy after them
+        report.update({"perplexity": result.perplexity, "loss": result.test_loss, "accuracy": result.accuracy,
+                       "params": result.params, "macs": result.macs})
+    else:
+        report.update({"accuracy": result.accuracy, **size_report(result.model, test_set[0][0].shape)})
+    report["checkpoint"] = str(result.checkpoint_path)
     if callbacks and result.history:
         report.update({k: result.history[-1][k] for k in ("sparsity", "weight_sparsity") if k in result.history[-1]})
     if regularizers:
@@ -88,7 +93,8 @@ def _train_regularizers(args: argparse.Namespace, model, callbacks: list) -> lis
 def cmd_eval(args: argparse.Namespace) -> Report:
     from ..data import get_dataset, make_loader
     from ..io import load_model
-    from ..metrics import evaluate
+    from ..metrics import count_macs, count_params, evaluate, evaluate_lm
+    from ..train import LogitsOf, forward_kwargs
 
     model_config = model_config_for(args.dataset, key_values(args.model_config, "--model-config")) \
         if args.model else None
@@ -96,11 +102,38 @@ def cmd_eval(args: argparse.Namespace) -> Report:
     device = device_for(args.device)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
     loader = make_loader(test_set, args.batch_size, shuffle=False)
-    metrics = evaluate(model.to(device), loader, device=device)
+    view = LogitsOf(model.to(device), **forward_kwargs(model))  # HF outputs → .logits; use_cache=False
+    title = f"evaluated {args.checkpoint} on {args.dataset} (test split)"
+    if _is_causal_lm(test_set, view, device):
+        metrics = evaluate_lm(view, loader, device=device)
+        x = test_set[0][0]
+        report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset, "perplexity": metrics["perplexity"],
+                  "loss": metrics["loss"], "accuracy": round(metrics["accuracy"], 4), "tokens": metrics["tokens"],
+                  "samples": metrics["samples"], "params": count_params(model),
+                  "macs": count_macs(model.cpu(), x[None])}
+        return report, lambda: print_table(title, report)
+    metrics = evaluate(view, loader, device=device)
     report = {"checkpoint": str(args.checkpoint), "dataset": args.dataset,
               "accuracy": round(metrics["accuracy"], 4), "top5": metrics.get("top5"), "loss": metrics["loss"],
               "samples": metrics["samples"], **size_report(model.cpu(), test_set[0][0].shape)}
-    return report, lambda: print_table(f"evaluated {args.checkpoint} on {args.dataset} (test split)", report)
+    return report, lambda: print_table(title, report)
+
+
+def _is_causal_lm(test_set, view, device) -> bool:
+    """The dataset's declared task, else the shapes of the model's logits on its first sample."""
+    import torch
+
+    from ..runtime import eval_mode
+    from ..train import dataset_task, infer_task
+
+    task = dataset_task(test_set)
+    if task is not None:
+        return task == "causal-lm"
+    x, y = test_set[0][0], torch.as_tensor(test_set[0][1])
+    if x.is_floating_point():
+        return False
+    with eval_mode(view):
+        return infer_task(view(x[None].to(device)), y[None]) == "causal-lm"
 
 
 @command("search")
