@@ -27,6 +27,7 @@ STUDIES = {
     "polarization-vgg16-cifar10", "polarization-vgg16-cifar100", "polarization-resnet50-imagenet",
     "polarization-mobilenetv2-imagenet", "grda-lenet300-fmnist", "grda-resnet20-fmnist", "grda-resnet50-imagenet",
     "grda-vgg16-cifar10", "grda-wrn28-10-cifar100", "compensation-resnet20-fmnist", "compensation-vgg16-fmnist",
+    "vit-fmnist", "llama-shakespeare",
 }
 
 #: registry → (the public lookup functions it covers, a script run in a fresh interpreter)
@@ -54,6 +55,7 @@ FRESH: dict[str, tuple[set[str], str]] = {
         assert get_study("grda-lenet300-fmnist").__module__ == "prunekit.studies.grda"
         assert get_study("polarization-resnet56-cifar10").__module__ == "prunekit.studies.polarization"
         assert get_study("compensation-resnet20-fmnist").__module__ == "prunekit.studies.compensation"
+        assert get_study("llama-shakespeare").__module__ == "prunekit.studies.transformers"
     """),
     "regularizers": ({"create_regularizer", "list_regularizers"}, """
         import torch
@@ -252,7 +254,7 @@ def test_every_library_registry_declares_where_its_builtins_are():
 
     assert METHODS.builtins == ("prunekit.merging.method", "prunekit.polarization", "prunekit.baselines")
     assert STUDIES.builtins == ("prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda",
-                                "prunekit.studies.compensation")
+                                "prunekit.studies.compensation", "prunekit.studies.transformers")
     assert REGULARIZERS.builtins == ("prunekit.polarization",)
     assert RECIPES.builtins == ("prunekit.polarization.recipes",)
     assert "prunekit.polarization.recipes" in SCHEDULES.builtins and "prunekit.optim.grda" in SCHEDULES.builtins

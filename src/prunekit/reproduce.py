@@ -32,10 +32,11 @@ class StudyOptions:
 
 Study = Callable[[StudyOptions], tuple[dict[str, Any], str]]
 #: one module per paper: Neuron Merging (``nm-*``), Polarization (``polarization-*``), gRDA (``grda-*``),
-#: and compensation side by side (``compensation-*``)
+#: compensation side by side (``compensation-*``), and transformers on real data (``vit-fmnist``,
+#: ``llama-shakespeare``)
 STUDIES: Registry[Study] = Registry("study", builtins=(
     "prunekit.studies.merging", "prunekit.studies.polarization", "prunekit.studies.grda",
-    "prunekit.studies.compensation"))
+    "prunekit.studies.compensation", "prunekit.studies.transformers"))
 
 
 def register_study(name: str) -> Callable[[Study], Study]:
