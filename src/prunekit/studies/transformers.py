@@ -278,8 +278,8 @@ def _run(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
 def study_table(report: dict[str, Any]) -> str:
     metric = "accuracy" if "baseline_accuracy" in report else "perplexity"
     dense = report.get("baseline_accuracy", report.get("dense_perplexity"))
-    lines = [f"{report['model']} / {report['dataset']}: dense {metric} {fmt(float(dense))}; no fine-tuning unless "
-             "stated; calibration: unlabeled training inputs", "",
+    lines = [(f"{report['model']} / {report['dataset']}: dense {metric} {fmt(float(dense))}; no fine-tuning unless "
+             "stated; calibration: unlabeled training inputs"), "",
              f"| method | removed | MACs removed | params removed | {metric} | method s | calibration |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
