@@ -31,7 +31,7 @@ def run_study(name: str, sets: list[str], reuse: bool) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "prunekit"), "reproduce", name, "--json"]
     for s in sets:
         cmd += ["--set", s]
-    out = subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.PIPE, text=True).stdout  # progress: stderr
     return json.loads(out)
 
 

@@ -201,3 +201,14 @@ def test_save_model_reloads_into_the_dense_model(family, tmp_path):
     if family == "gpt2":
         assert again.lm_head.weight is again.transformer.wte.weight
         assert again.transformer.h[0].attn.split_size == 32 and again.config.num_attention_heads == 2
+
+
+def test_a_config_that_refuses_the_new_sizes_only_refuses_save_pretrained(tmp_path):
+    """8 query / 4 kv heads, one kv group of 4 removed: 6 heads do not divide hidden 64, which Llama's config
+    validation rejects — the prune still works and save_pretrained says why."""
+    model, x = build("llama", heads=8)
+    small = prunekit.prune(model, x, ratio=0.0, overrides={"*.self_attn.k_proj": 0.25})
+    assert small.model.layers[0].self_attn.q_proj.out_features == 6 * 8
+    assert logits(small, x).shape == logits(model, x).shape
+    with pytest.raises(ConfigError, match="cannot be described by its Hugging Face config"):
+        small.save_pretrained(tmp_path)

@@ -95,8 +95,8 @@ def sync_config(model: nn.Module, graph: Any, masks: list[np.ndarray]) -> dict[s
     if not changes and not problems:
         return {}
     if not problems:
-        candidate = model.config.__class__.from_dict({**model.config.to_dict(), **changes})
         try:
+            candidate = model.config.__class__.from_dict({**model.config.to_dict(), **changes})
             with torch.device("meta"):
                 skeleton = type(model)(candidate)
         except Exception as e:  # noqa: BLE001 - any failure means the config cannot describe the model
