@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["Captured", "StopForward", "as_inputs", "call", "capture", "eval_mode"]
+__all__ = ["Captured", "StopForward", "as_inputs", "call", "capture", "eval_mode", "seed_everything"]
 
 
 @contextlib.contextmanager
@@ -143,3 +143,14 @@ def capture(model: nn.Module, names: Iterable[str], *, what: str = "input", stop
     finally:
         for h in handles:
             h.remove()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), ``random`` and numpy's global generator from one integer."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

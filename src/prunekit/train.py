@@ -8,14 +8,9 @@ One epoch, on every rank::
     scheduler.step(); evaluate on the test set; callbacks may add keys to the epoch's record
     rank 0: append the record to out_dir/log.jsonl and write the resume checkpoint out_dir/last
 
-Models and tasks: the model may return logits or an object with ``.logits`` (Hugging Face ``ModelOutput``);
-a batch is ``(x, y, ...)`` with ``x`` a tensor (positional) or a dict (keyword arguments), or a dict whose
-``labels`` are ``y``; ``use_cache=False`` is passed to models whose forward takes it. The task is
-``classification`` (logits (B, C), targets (B,): top-1 / top-5 accuracy) or ``causal-lm`` (logits (B, T, V),
-targets (B, T) = the input ids shifted by one, ``-100`` skipped: the loss is the mean token cross-entropy and
-the metric the perplexity ``exp(mean token NLL)`` over all evaluated tokens, plus next-token accuracy). It is
-taken from ``task=``, else from the dataset (``dataset.task`` or ``dataset.info.task``), else from the first
-batch's shapes.
+Models and tasks (:mod:`prunekit.tasks`): logits or ``.logits``; ``(x, y)`` or dict batches; ``classification``
+(top-1/top-5 accuracy) or ``causal-lm`` (mean token cross-entropy, perplexity ``exp(mean token NLL)``), from
+``task=``, the dataset's ``task``, or the first batch's shapes.
 
 Exact resume: everything random is a function of ``(seed, epoch, rank)``: the loader's order and
 augmentation (``make_loader(seed=...)`` + ``set_epoch``) and the torch / python / numpy RNG streams,
@@ -32,7 +27,6 @@ rank 0 prints and writes files.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import itertools
 import json
 import logging
@@ -56,6 +50,19 @@ from .errors import CheckpointError, ConfigError, PrunekitError
 from .optim import SCHEDULES
 from .recipes import TrainRecipe, get_recipe
 from .regularizers import Regularizer
+from .runtime import seed_everything
+from .tasks import (
+    TASKS,
+    LogitsOf,
+    _first_rows,
+    _Pairs,
+    _to_device,
+    dataset_task,
+    forward_kwargs,
+    infer_task,
+    model_logits,
+    split_batch,
+)
 
 __all__ = ["TASKS", "LogitsOf", "NonFiniteLossError", "TrainResult", "Trainer", "dataset_task", "infer_task",
            "model_logits", "seed_everything", "split_batch", "train"]
@@ -65,9 +72,6 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_STEM = "last"
 LOG_NAME = "log.jsonl"
 _FORMAT = "prunekit-train/1"
-TASKS = ("classification", "causal-lm")
-_TASK_ALIASES = {"classification": "classification", "causal-lm": "causal-lm", "causal_lm": "causal-lm",
-                 "lm": "causal-lm", "language-modeling": "causal-lm"}
 
 
 class NonFiniteLossError(PrunekitError, FloatingPointError):
@@ -102,13 +106,6 @@ class TrainResult:
         return self.extra.get("perplexity")
 
 
-def seed_everything(seed: int) -> None:
-    """Seed torch (CPU and CUDA), ``random`` and numpy's global generator from one integer."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def _jsonable(v: Any) -> Any:
     """Tensors and numpy values in log records become plain numbers / lists."""
     if isinstance(v, torch.Tensor):
@@ -118,88 +115,6 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, Path):
         return str(v)
     raise TypeError(f"log record value of type {type(v).__name__} is not JSON-serialisable")
-
-
-def model_logits(out: Any) -> torch.Tensor:
-    """The logits of a model output: ``out.logits`` (HF ``ModelOutput``), ``out["logits"]``, or ``out`` itself."""
-    logits = getattr(out, "logits", None)
-    if logits is None and isinstance(out, dict):
-        logits = out.get("logits")
-    return out if logits is None else logits
-
-
-def split_batch(batch: Any) -> tuple[Any, torch.Tensor]:
-    """``(x, y)`` of a batch: ``(x, y, ...)`` tuples / lists, or a dict whose ``labels`` are ``y`` (rest: x)."""
-    if isinstance(batch, dict):
-        if "labels" not in batch:
-            raise ConfigError(f"a dict batch needs 'labels' (the targets); it has {sorted(batch)}")
-        return {k: v for k, v in batch.items() if k != "labels"}, batch["labels"]
-    return batch[0], batch[1]
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device, non_blocking=True)
-    if isinstance(x, dict):
-        return {k: _to_device(v, device) for k, v in x.items()}
-    return x
-
-
-def _first_rows(x: Any) -> Any:
-    """A batch of one: ``x[:1]`` of a tensor, of every tensor of a dict."""
-    if isinstance(x, dict):
-        return {k: v[:1].detach().clone() if isinstance(v, torch.Tensor) else v for k, v in x.items()}
-    return x[:1].detach().clone()
-
-
-def forward_kwargs(module: nn.Module) -> dict[str, Any]:
-    """Keyword arguments every training / evaluation forward gets: ``use_cache=False`` where ``forward``
-    takes ``use_cache`` (HF decoders would otherwise build a key/value cache)."""
-    try:
-        params = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
-
-
-def dataset_task(dataset: Any) -> str | None:
-    """The task a dataset declares (``dataset.task`` or ``dataset.info.task``), normalised to :data:`TASKS`;
-    ``None`` when it declares none (or one the trainer does not know: the shapes decide)."""
-    for obj in (dataset, getattr(dataset, "info", None)):
-        task = getattr(obj, "task", None)
-        if isinstance(task, str):
-            return _TASK_ALIASES.get(task.lower())
-    return None
-
-
-def infer_task(logits: torch.Tensor, targets: torch.Tensor) -> str:
-    """``causal-lm`` for logits (B, T, V) with integer targets (B, T), else ``classification``."""
-    lm = (logits.dim() == 3 and targets.dim() == 2 and tuple(logits.shape[:2]) == tuple(targets.shape)
-          and not targets.is_floating_point())
-    return "causal-lm" if lm else "classification"
-
-
-class LogitsOf(nn.Module):
-    """``model`` seen as a plain logits function: ``forward(*args, **kw)`` returns :func:`model_logits` of
-    ``model(*args, **call_kwargs, **kw)`` (for :func:`prunekit.metrics.evaluate` on HF models)."""
-
-    def __init__(self, model: nn.Module, **call_kwargs: Any):
-        super().__init__()
-        self.model = model
-        self.call_kwargs = call_kwargs
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return model_logits(self.model(*args, **self.call_kwargs, **kwargs))
-
-
-class _Pairs:
-    """A loader whose batches are re-shaped to ``(x, y)`` by :func:`split_batch`."""
-
-    def __init__(self, loader: Iterable):
-        self.loader = loader
-
-    def __iter__(self):
-        return (split_batch(b) for b in self.loader)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

@@ -37,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from ..errors import ConfigError, DatasetError, unknown_name
 from . import text as _text
+from .text import unsafe_member_path
 
 __all__ = [
     "LAYOUTS",
@@ -382,12 +383,6 @@ def download(url: str, dest: str | os.PathLike, md5: str | None = None, *, sha25
     finally:
         if tmp.exists():
             tmp.unlink()
-
-
-def unsafe_member_path(name: str) -> bool:
-    """Whether a tar member name could escape the extraction folder (absolute, ``..``, ``\\``, a drive)."""
-    p = PurePosixPath(name)
-    return p.is_absolute() or ".." in p.parts or "\\" in name or bool(p.parts and ":" in p.parts[0])
 
 
 def safe_extract_tar(archive: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:

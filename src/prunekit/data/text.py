@@ -38,7 +38,7 @@ import tarfile
 import tempfile
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from torch.utils.data import Dataset
@@ -187,10 +187,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def unsafe_member_path(name: str) -> bool:
+    """Whether a tar member name could escape the extraction folder (absolute, ``..``, ``\\``, a drive)."""
+    p = PurePosixPath(name)
+    return p.is_absolute() or ".." in p.parts or "\\" in name or bool(p.parts and ":" in p.parts[0])
+
+
 def _read_members(archive: Path) -> dict[str, bytes]:
     """The wanted members' bytes, by cached file name; refuses unsafe or non-regular members."""
-    from .roots import unsafe_member_path
-
     wanted = {w.member: w.filename for w in WORKS}
     found: dict[str, bytes] = {}
     try:

@@ -146,9 +146,3 @@ def check_common(num_classes: Any, in_channels: Any, input_size: Any, min_size: 
     """Validate the three cfg keys every model has."""
     return (check_int("num_classes", num_classes), check_int("in_channels", in_channels),
             check_int("input_size", input_size, min_size))
-
-
-# The optional Hugging Face ``transformers`` models (vit-fmnist, llama-shakespeare) register on import of this
-# module, so every family that imports it makes them known; ``transformers`` itself is imported only when one
-# of them is built.
-from . import hf  # noqa: F401  (register models)
