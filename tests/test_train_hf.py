@@ -282,6 +282,11 @@ def test_cli_trains_and_evaluates_a_vit(capsys, tmp_path):
     evaluated = run_cli(capsys, "eval", "--checkpoint", str(tmp_path), "--dataset", "synthetic")
     assert evaluated["accuracy"] == pytest.approx(trained["accuracy"], abs=1e-4)  # eval rounds to 4 places
     assert (evaluated["params"], evaluated["macs"]) == (trained["params"], trained["macs"])
+    pruned = run_cli(capsys, "prune", "--checkpoint", str(tmp_path), "--dataset", "synthetic", "--ratio", "0.5",
+                     "--out", str(tmp_path / "p50"))
+    assert pruned["accuracy_before"] == pytest.approx(trained["accuracy"], abs=1e-4)
+    assert 0.3 < pruned["params_reduction"] < 0.8 and pruned["macs"] < trained["macs"]
+    assert pruned["preservation"]["samples"] > 0
 
 
 def test_cli_trains_and_evaluates_llama_on_shakespeare(capsys, tmp_path):

@@ -17,7 +17,6 @@ from .base import (
     key_values,
     model_config_for,
     print_table,
-    size_report,
 )
 
 
@@ -28,7 +27,8 @@ def cmd_prune(args: argparse.Namespace) -> Report:
     from ..data import get_dataset, make_loader
     from ..io import load_model, save_model
     from ..methods import PruneOptions, get_method
-    from ..metrics import evaluate, measure_latency
+    from ..metrics import count_macs, count_params, evaluate, evaluate_lm, measure_latency
+    from ..tasks import LogitsOf, dataset_task, forward_kwargs
 
     method = get_method(args.method)
     loading = [0.0]  # seconds spent reading calibration data: not part of the method's time
@@ -58,15 +58,26 @@ def cmd_prune(args: argparse.Namespace) -> Report:
     device = device_for(args.device)
     test_set = get_dataset(args.dataset, "test", root=args.data_root)
     loader = make_loader(test_set, args.batch_size, shuffle=False)
-    sample_shape = tuple(test_set[0][0].shape)
-    example = torch.zeros(1, *sample_shape)
-    latency_input = torch.randn(args.latency_batch, *sample_shape, generator=torch.Generator().manual_seed(0))
+    sample = test_set[0][0]
+    sample_shape = tuple(sample.shape)
+    example = torch.zeros(1, *sample_shape, dtype=sample.dtype)  # token ids stay integers
+    if sample.is_floating_point():
+        latency_input = torch.randn(args.latency_batch, *sample_shape, generator=torch.Generator().manual_seed(0))
+    else:
+        latency_input = sample[None].repeat(args.latency_batch, *([1] * sample.dim()))
+    causal_lm = dataset_task(test_set) == "causal-lm"
 
     def measure(m) -> dict[str, Any]:
         m = m.to(device)
-        acc = evaluate(m, loader, device=device)["accuracy"]
-        lat = measure_latency(m, latency_input, runs=args.latency_runs, device=device).median_ms
-        return {"accuracy": round(acc, 4), "latency_ms": lat, **size_report(m.cpu(), sample_shape)}
+        view = LogitsOf(m, **forward_kwargs(m))  # Hugging Face outputs → .logits; decoders without cache
+        if causal_lm:
+            res = evaluate_lm(view, loader, device=device)
+            quality = {"perplexity": res["perplexity"], "accuracy": round(res["accuracy"], 4)}
+        else:
+            quality = {"accuracy": round(evaluate(view, loader, device=device)["accuracy"], 4)}
+        lat = measure_latency(view, latency_input, runs=args.latency_runs, device=device).median_ms
+        m = m.cpu()
+        return {**quality, "latency_ms": lat, "params": count_params(m), "macs": count_macs(m, example)}
 
     before = measure(model)
     start = time.perf_counter()

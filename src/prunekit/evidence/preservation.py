@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..metrics import _model_device_dtype
 from ..runtime import capture, eval_mode
+from ..tasks import model_logits
 
 __all__ = ["feature_preservation", "ware_terms"]
 
@@ -220,9 +221,11 @@ def _compare_batch(original: nn.Module, pruned: nn.Module, x: torch.Tensor, sums
             acc[1] += float(ref.to(torch.float64).pow(2).sum())
 
     with _hooks(original, keep):
-        z_orig = original(x)
+        z_orig = model_logits(original(x))
     with _hooks(pruned, compare):
-        z_pruned = pruned(x)
+        z_pruned = model_logits(pruned(x))
     if not isinstance(z_orig, torch.Tensor) or not isinstance(z_pruned, torch.Tensor):
-        raise ConfigError("feature_preservation needs models whose output is a logits tensor")
+        raise ConfigError("feature_preservation needs models whose output is a logits tensor (or has .logits)")
+    if z_orig.dim() > 2:  # token models: every position is a prediction
+        z_orig, z_pruned = z_orig.flatten(0, -2), z_pruned.flatten(0, -2)
     _accumulate(sums, z_orig, z_pruned)
