@@ -15,6 +15,7 @@ Nothing here imports ``transformers``: a model is treated as a Hugging Face mode
 """
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -95,23 +96,45 @@ def sync_config(model: nn.Module, graph: Any, masks: list[np.ndarray]) -> dict[s
     if not changes and not problems:
         return {}
     if not problems:
-        try:
-            candidate = model.config.__class__.from_dict({**model.config.to_dict(), **changes})
-            with torch.device("meta"):
-                skeleton = type(model)(candidate)
-        except Exception as e:  # noqa: BLE001 - any failure means the config cannot describe the model
-            problems.append(f"{type(model).__name__}(config) fails with the new sizes {changes}: {e}")
-        else:
-            mine, built = _shapes(model), _shapes(skeleton)
-            diff = [n for n in sorted(set(mine) | set(built)) if mine.get(n) != built.get(n)]
-            if diff:
-                problems.append(f"a model built from the updated config {changes} differs in '{diff[0]}' "
-                                f"({built.get(diff[0], 'absent')} there, {mine.get(diff[0], 'absent')} here)")
+        problem = _mismatch(model, changes)
+        if problem:
+            problems.append(problem)
     if problems:
         refuse_save_pretrained(model, "; ".join(problems))
         return {}
     set_config(model, changes)
     return changes
+
+
+#: (model class, config with the changes, the pruned model's shapes) → why the config cannot describe it
+_CHECKED: dict[tuple, str | None] = {}
+
+
+def _mismatch(model: nn.Module, changes: dict[str, int]) -> str | None:
+    """Why a model built from ``model.config`` + ``changes`` (on the meta device) differs from ``model``, or
+    None. Memoised: a reconstruction applies the same plan once per refit layer."""
+    mine = _shapes(model)
+    try:
+        config = {**model.config.to_dict(), **changes}
+        key = (type(model), json.dumps(config, sort_keys=True, default=str), tuple(sorted(mine.items())))
+    except TypeError:
+        key = None
+    if key is not None and key in _CHECKED:
+        return _CHECKED[key]
+    try:
+        candidate = model.config.__class__.from_dict(config)
+        with torch.device("meta"):
+            skeleton = type(model)(candidate)
+    except Exception as e:  # noqa: BLE001 - any failure means the config cannot describe the model
+        problem = f"{type(model).__name__}(config) fails with the new sizes {changes}: {e}"
+    else:
+        built = _shapes(skeleton)
+        diff = [n for n in sorted(set(mine) | set(built)) if mine.get(n) != built.get(n)]
+        problem = (f"a model built from the updated config {changes} differs in '{diff[0]}' "
+                   f"({built.get(diff[0], 'absent')} there, {mine.get(diff[0], 'absent')} here)") if diff else None
+    if key is not None:
+        _CHECKED[key] = problem
+    return problem
 
 
 def set_config(model: nn.Module, changes: dict[str, int]) -> None:
