@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runtime import as_inputs, eval_mode
+from .adapters import find_ties
 from .capture import capture_graph, has_rule, is_leaf
 from .channels import ROLES, Chan, Group, HeadSplit, Member, TensorInfo
 from .context import TraceContext
@@ -253,7 +254,7 @@ def _couple_tied_parameters(ctx: TraceContext, model: nn.Module) -> None:
     sharing one embedding) is sliced once for all: per dim of the parameter, the channels every traced
     module sharing it slices are coupled; a dim only some of them slice (W and Wᵀ, a tied output layer's
     vocabulary) is protected."""
-    ties = _tie_names(model)
+    ties = [names for names, _ in find_ties(model)]
     tie_of = {n: i for i, names in enumerate(ties) for n in names}
     found: list[list[tuple[int, Member]]] = [[] for _ in ties]
     for m in ctx.members.values():
@@ -293,14 +294,6 @@ def _unreached(model: nn.Module, graph: Any) -> list[str]:
             continue
         out.append(name)
     return out
-
-
-def _tie_names(model: nn.Module) -> list[list[str]]:
-    """Names of each parameter registered under several names."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [ns for ns in by_id.values() if len(ns) > 1]
 
 
 def _without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
