@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..baselines.groups import channel_costs
 from ..engine import ChannelGraph, Plan, Refit, apply
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
@@ -44,12 +45,14 @@ from ..runtime import eval_mode
 from .batchnorm import batchnorm_refits
 from .calibration import batches, calibration_inputs, call_order, take
 from .constants import followers
+from .allocate import Pool, allocate
 from .greedy import select_channels
 from .layers import is_linear, to_module_layout, weight_oi
 from .residual import Skip, find_skips, output_scale
 from .targets import Targets, compressed_values, output_rows
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+SELECTIONS = ("criterion", "greedy", "global")
 
 
 @dataclass(frozen=True)
@@ -67,9 +70,11 @@ class ReconstructOptions:
             ``prunekit.io`` reloads them.
         batch_size: calibration batch size.
         max_gram_bytes: refuse a consumer whose Gram matrices would exceed this (bytes, float64).
-        select: ``criterion`` (the plan's survivors) or ``greedy``: for every group read only by plain
+        select: ``criterion`` (the plan's survivors), ``greedy``: for every group read only by plain
             Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
-            against the consumers' outputs (:mod:`.greedy`).
+            (a head: its D columns) against the consumers' outputs (:mod:`.greedy`); or ``global``: the
+            parameters the plan removes from those groups are re-spent across them, channel by channel where
+            the refit loses least per parameter (:mod:`.allocate`; the groups' sizes change, the total does not).
         backward: greedy selection goes ``backward · P`` channels past P, then drops as many again, each time
             the one whose removal costs least (forward–backward, OBS-style costs; 0: forward only). Measured at
             0.25: LeNet-300-100 +0.25 pt at 0.7 (mean of 3 seeds), ResNet-20 ±0 at 0.5 and −0.3 at 0.7.
@@ -109,8 +114,8 @@ class ReconstructOptions:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.select not in ("criterion", "greedy"):
-            raise ConfigError(f"select must be 'criterion' or 'greedy', got {self.select!r}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(f"select must be one of {list(SELECTIONS)}, got {self.select!r}")
         if self.layers not in ("consumers", "all"):
             raise ConfigError(f"layers must be 'consumers' or 'all', got {self.layers!r}")
         if not isinstance(self.calibration, int) or isinstance(self.calibration, bool) or self.calibration < 1:
@@ -472,24 +477,61 @@ def _consumer(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], na
     return _Consumer(name, module, keep, _conv_groups(module))
 
 
+def _channel_blocks(member: Any, gid: int, n_channels: int, taps: int) -> torch.Tensor | None:
+    """(N, m·k): the weight-input columns of each of group ``gid``'s N channels in the consumer of ``member``
+    (m inputs per channel — a head's D, a flattened map's positions —, k taps each); None when the
+    channels own different numbers of inputs."""
+    sel = np.nonzero(member.group == gid)[0]
+    counts = np.bincount(member.channel[sel], minlength=n_channels)
+    if len(sel) == 0 or (counts != counts[0]).any():
+        return None
+    idx = sel[np.lexsort((member.pos[sel], member.channel[sel]))].reshape(n_channels, counts[0])
+    return torch.as_tensor((idx[:, :, None] * taps + np.arange(taps)).reshape(n_channels, -1), dtype=torch.long)
+
+
+def _selectable(model: nn.Module, graph: ChannelGraph, gid: int) -> bool:
+    """Group ``gid``'s survivors can be chosen from its consumers' statistics: every consumer is a refittable,
+    ungrouped layer that reads this group alone, every channel owning the same number of its inputs."""
+    g = graph.groups[gid]
+    consumers = [m for m in g.members if m.role == "in"]
+    for m in consumers:
+        module = model.get_submodule(m.module)
+        if supported(module) is not None or _conv_groups(module) != 1 or (m.group != gid).any() \
+                or _channel_blocks(m, gid, g.size, 1) is None:
+            return False
+    return bool(consumers)
+
+
 def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) -> int | None:
-    """The planned group whose survivors the greedy selection picks when ``name`` is refit: ``name`` must
-    read that group alone, one channel per input index (no flatten blocks), ungrouped."""
+    """The planned group whose survivors the greedy selection picks when ``name`` is refit (None: none)."""
     member = graph.member(name, "in")
-    if member is None or _conv_groups(model.get_submodule(name)) != 1 or len(member) == 0:
+    if member is None or len(member) == 0:
         return None
     gids = np.unique(member.group)
-    if len(gids) != 1 or gids[0] < 0 or (member.pos != 0).any():
+    if len(gids) != 1 or gids[0] < 0:
         return None
     gp = plan.group(int(gids[0]))
     if gp is None or len(gp.keep) == graph.groups[gp.group_id].size:
         return None
-    for m in graph.groups[gp.group_id].members:  # every consumer of the group must qualify
-        if m.role == "in" and (supported(model.get_submodule(m.module)) is not None
-                               or _conv_groups(model.get_submodule(m.module)) != 1
-                               or (m.group != gp.group_id).any() or (m.pos != 0).any()):
-            return None
-    return gp.group_id
+    return gp.group_id if _selectable(model, graph, gp.group_id) else None
+
+
+def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: Targets, compressed: nn.Module,
+                      n_train: int, options: ReconstructOptions, skips: dict[str, Skip], fx_graph: Any
+                      ) -> list[tuple[_Consumer, torch.Tensor, list[_Normal], list[_Normal]]]:
+    """Per consumer of group ``gid``: (the consumer over all its inputs, its channel blocks, its train and
+    held-out statistics with ``compressed`` as the network it reads from)."""
+    g = graph.groups[gid]
+    out = []
+    for m in g.members:
+        if m.role != "in":
+            continue
+        c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
+        _check_gram_size(c, options)
+        with eval_mode(model, compressed):
+            train, val = _statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
+        out.append((c, _channel_blocks(m, gid, g.size, c.taps), train, val))
+    return out
 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
@@ -504,28 +546,52 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
     whole = Plan(groups=[gp for gp in plan.groups if gp.group_id != gid], refits=list(plan.refits))
     compressed = apply(model, graph, whole, verify=False)
     stats, cache = [], {}
-    for m in g.members:
-        if m.role != "in":
-            continue
-        c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
-        _check_gram_size(c, options)
-        with eval_mode(model, compressed):
-            (train,), (val,) = _statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
-        cache[m.module] = (train, val)
+    for c, blocks, (train,), (val,) in _group_statistics(model, graph, gid, targets, compressed, n_train, options,
+                                                        skips, fx_graph):
+        cache[c.name] = (train, val)
         full = _Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
                        train.rows + val.rows)
-        k = c.taps
-        index_of = np.argsort(m.channel)  # input index of each group channel
-        blocks = torch.as_tensor(index_of[:, None] * k + np.arange(k)[None, :], dtype=torch.long)
-        if options.weighted and (w := _downstream_weights(model, graph, m.module)) is not None:
+        if options.weighted and (w := _downstream_weights(model, graph, c.name)) is not None:
             full = full.weighted(w)
-        kept = _kept_outputs(graph, plan, m.module)
+        kept = _kept_outputs(graph, plan, c.name)
         if kept is not None:  # only the outputs that survive matter
             full = full.outputs(torch.from_numpy(kept))
         stats.append((full.gram, full.cross, blocks))
     keep = select_channels(stats, len(plan.group(gid).keep), forced=sorted(g.blocked), intercept=intercept,
                            extra=options.backward)
     return keep, cache
+
+
+def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions
+                   ) -> tuple[Plan, dict[str, Any]]:
+    """The plan with the survivors of every selectable pruned group re-chosen together (:mod:`.allocate`) from
+    the unpruned network's statistics, the parameters they remove kept; and a summary for the report."""
+    pool_ids = [gp.group_id for gp in plan.groups
+                if len(gp.keep) < graph.groups[gp.group_id].size and _selectable(model, graph, gp.group_id)]
+    if not pool_ids:
+        return plan, {}
+    names = [m.module for gid in pool_ids for m in graph.groups[gid].members if m.role == "in"]
+    targets = Targets(model, names, inputs, options.batch_size, options.positions, options.seed, {}, None,
+                      options.max_cache_bytes)
+    pools, budget = {}, 0.0
+    for gid in pool_ids:
+        g = graph.groups[gid]
+        stats = []
+        for c, blocks, (train,), _ in _group_statistics(model, graph, gid, targets, model, options.calibration,
+                                                        options, {}, None):
+            kept = _kept_outputs(graph, plan, c.name)
+            full = train if kept is None else train.outputs(torch.from_numpy(kept))
+            stats.append((full.gram, full.cross, blocks))
+        params = channel_costs(model, g)
+        budget += float(params.sum()) - float(params[plan.group(gid).keep].sum())
+        pools[gid] = Pool(stats, params, forced=sorted(g.blocked))
+    keep = allocate(pools, budget)
+    groups = [gp.replace(keep=keep[gp.group_id], criterion="global") if gp.group_id in keep else gp
+              for gp in plan.groups]
+    summary = {"groups": len(pools), "budget_params": budget,
+               "kept": {str(gid): len(keep[gid]) for gid in pools},
+               "planned": {str(gid): len(plan.group(gid).keep) for gid in pools}}
+    return Plan(groups=groups, meta=dict(plan.meta), refits=list(plan.refits)), summary
 
 
 def _restrict(stats: _Normal, inputs: np.ndarray, k: int) -> _Normal:
@@ -553,6 +619,9 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     options = options or ReconstructOptions()
     inputs = calibration_inputs(data, options.calibration, options.seed)
     n_total = options.calibration
+    allocation: dict[str, Any] = {}
+    if options.select == "global":
+        plan, allocation = _select_global(model, graph, plan, inputs, options)
     with eval_mode(model):
         order = call_order(model, take(inputs, slice(0, 1)))
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
@@ -601,4 +670,6 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     if options.bn_recalibrate:
         plan = plan.with_refits(batchnorm_refits(model, graph, plan, inputs, options.batch_size))
     plan.meta.update(method="reconstruct", reconstruct=options.to_dict())
+    if allocation:
+        plan.meta["allocation"] = allocation
     return plan, reports

@@ -1,0 +1,103 @@
+"""Survivors of several groups chosen together: one budget of parameters, spent where a refit loses least.
+
+Each group ``g`` has consumers whose outputs ``Y`` are refit by least squares on the kept input columns
+(:mod:`.reconstruct`). For one consumer with Gram ``G = [U|1]ᵀ[U|1]`` and cross ``C = [U|1]ᵀY`` over the
+kept columns S, ``A = (G_SS + λI)⁻¹`` and the refit ``W = A C_S``, dropping channel b (its columns, a
+block) raises the error by the block form of OBS
+
+    cost(b) = tr( W_bᵀ (A_bb)⁻¹ W_b ),
+
+after which ``A ← A − A_{:b} (A_bb)⁻¹ A_{b:}`` and ``W ← W − A_{:b} (A_bb)⁻¹ W_b`` (the refit on S \\ b).
+Channels are removed one at a time, across all groups, always the one with the least
+``Σ_consumers cost(b) / params(b)`` — error per parameter saved — until the removed parameters are closest
+to the budget. Costs are in the consumers' output units: comparable when the consumers write into one
+stream (every output and down projection of a pre-norm transformer adds into the residual stream; the
+second conv of every residual block into its stage). The statistics come from the unpruned network, so
+this decides *how many and which* channels each group keeps; the sequential refits come after.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gram (D+1, D+1), cross (D+1, O), blocks (N, k)
+
+
+class _Elimination:
+    """One consumer's inverse Gram ``A`` and refit ``W`` over the columns still kept (removed ones are 0)."""
+
+    def __init__(self, gram: torch.Tensor, cross: torch.Tensor, blocks: torch.Tensor, ridge: float):
+        d = gram.shape[0] - 1
+        lam = ridge * float(torch.diagonal(gram)[:d].mean()) if d else 0.0
+        pen = torch.full((d + 1,), max(lam, 1e-12), dtype=torch.float64)
+        pen[-1] = 1e-12 * max(float(gram[-1, -1]), 1.0)  # the intercept is not shrunk
+        self.a = torch.linalg.inv(gram.double() + torch.diag(pen))
+        self.w = self.a @ cross.double()
+        self.blocks = blocks
+
+    def costs(self, channels: torch.Tensor) -> torch.Tensor:
+        """(len(channels),) error increase of dropping each of ``channels`` now."""
+        b = self.blocks[channels]
+        abb = self.a[b[:, :, None], b[:, None, :]]  # (n, k, k)
+        wb = self.w[b]  # (n, k, O)
+        return (torch.linalg.solve(abb, wb) * wb).sum((1, 2))
+
+    def drop(self, c: int) -> None:
+        b = self.blocks[c]
+        abb = self.a[b][:, b]
+        left = torch.linalg.solve(abb, self.a[b])  # (k, D+1) = A_bb⁻¹ A_b:
+        self.w = self.w - self.a[:, b] @ torch.linalg.solve(abb, self.w[b])
+        self.a = self.a - self.a[:, b] @ left
+        self.a[b] = 0.0
+        self.a[:, b] = 0.0
+        self.w[b] = 0.0
+
+
+@dataclass
+class Pool:
+    """One group in the allocation: its consumers' statistics, each channel's parameter cost, the channels
+    that must stay (``forced``), and the fewest channels it may keep."""
+
+    stats: list[Stats]
+    params: torch.Tensor  # (N,) float64
+    forced: list[int] = field(default_factory=list)
+    min_keep: int = 1
+
+
+def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict[int, list[int]]:
+    """Kept channels per group (sorted) after removing about ``budget`` parameters, cheapest error per
+    parameter first (module docstring). ``ridge`` is relative to the mean diagonal of each Gram."""
+    states = {g: [_Elimination(gram, cross, blocks, ridge) for gram, cross, blocks in p.stats]
+              for g, p in pools.items()}
+    alive = {g: torch.ones(len(p.params), dtype=torch.bool) for g, p in pools.items()}
+    candidate = {g: alive[g].clone() for g in pools}
+    for g, p in pools.items():
+        candidate[g][list(p.forced)] = False
+    best: dict[int, tuple[float, int]] = {}
+
+    def refresh(g: int) -> None:
+        p = pools[g]
+        cand = torch.nonzero(alive[g] & candidate[g]).flatten()
+        if len(cand) == 0 or int(alive[g].sum()) <= max(p.min_keep, 1):
+            best.pop(g, None)
+            return
+        cost = sum(s.costs(cand) for s in states[g]) / p.params[cand].clamp_min(1.0)
+        i = int(torch.argmin(cost))
+        best[g] = (float(cost[i]), int(cand[i]))
+
+    for g in pools:
+        refresh(g)
+    removed = 0.0
+    while best:
+        g = min(best, key=lambda k: (best[k][0], k))
+        c = best[g][1]
+        step = float(pools[g].params[c])
+        if removed + step - budget > budget - removed:  # the prefix closest to the budget
+            break
+        for s in states[g]:
+            s.drop(c)
+        alive[g][c] = False
+        removed += step
+        refresh(g)
+    return {g: torch.nonzero(alive[g]).flatten().tolist() for g in pools}

@@ -1,0 +1,127 @@
+"""Survivors chosen across groups (``select="global"``, :mod:`prunekit.compensate.allocate`) and greedy
+selection of multi-column channels (heads): the OBS block costs against brute-force refits, the budget kept,
+free channels taken first, heads chosen from the data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit.compensate import ReconstructOptions, reconstruct_plan
+from prunekit.compensate.allocate import Pool, _Elimination, allocate
+from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _lstsq_error(u: torch.Tensor, y: torch.Tensor, cols: list[int]) -> float:
+    a = u[:, cols]
+    w = torch.linalg.lstsq(a, y).solution
+    return float((y - a @ w).pow(2).sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 5), k=st.integers(1, 3), o=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_obs_block_costs_and_downdates_equal_brute_force_refits(n, k, o, seed):
+    """cost(b) = error of the least-squares refit without b's columns − error with all; after dropping b the
+    state's refit W equals the refit on the rest, so the next costs are again exact."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 40 + n * k
+    u = torch.cat([torch.randn(rows, n * k, generator=g, dtype=torch.float64),
+                   torch.ones(rows, 1, dtype=torch.float64)], 1)
+    y = torch.randn(rows, o, generator=g, dtype=torch.float64)
+    blocks = torch.arange(n * k).reshape(n, k)
+    state = _Elimination(u.t() @ u, u.t() @ y, blocks, ridge=1e-12)
+    kept = list(range(n))
+    for _ in range(n - 1):
+        cols = [int(j) for c in kept for j in blocks[c]] + [n * k]
+        base = _lstsq_error(u, y, cols)
+        costs = state.costs(torch.tensor(kept))
+        for i, c in enumerate(kept):
+            rest = [j for j in cols if j not in blocks[c].tolist()]
+            assert float(costs[i]) == pytest.approx(_lstsq_error(u, y, rest) - base, rel=1e-5, abs=1e-8)
+        drop = kept[int(torch.argmin(costs))]
+        state.drop(drop)
+        kept.remove(drop)
+        cols = [int(j) for c in kept for j in blocks[c]] + [n * k]
+        w = torch.linalg.lstsq(u[:, cols], y).solution
+        torch.testing.assert_close(state.w[cols], w, rtol=1e-6, atol=1e-8)
+
+
+def _two_group_net() -> nn.Module:
+    """Hidden layer A (6 neurons; 4 = 3·n0 and 5 = n1 are copies) and hidden layer B (4 distinct neurons)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3)).eval()
+    with torch.no_grad():
+        net[0].weight[4], net[0].bias[4] = 3 * net[0].weight[0], 3 * net[0].bias[0]
+        net[0].weight[5], net[0].bias[5] = net[0].weight[1], net[0].bias[1]
+    return net
+
+
+def test_global_selection_spends_the_budget_on_the_free_channels_and_is_then_exact():
+    """Uniform plan: one neuron from A and one from B (10 parameters each). Re-spent globally, the 20
+    parameters go to A's two copies (zero error): B keeps all four and the refit is exact."""
+    net = _two_group_net()
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
+    graph = ChannelGraph.build(net, x[:1])
+    a, b = graph.group("0").id, graph.group("2").id
+    plan = Plan([GroupPlan(group_id=a, keep=[0, 1, 2, 3, 4], size=6), GroupPlan(group_id=b, keep=[0, 1, 2], size=4)])
+    opts = ReconstructOptions(calibration=400, ridge=0.0, select="global", residual=False)
+    fitted, _ = reconstruct_plan(net, graph, plan, x, opts)
+    keep_a = set(fitted.group(a).keep)
+    assert len(keep_a) == 4 and len(keep_a & {0, 4}) == 1 and len(keep_a & {1, 5}) == 1 and {2, 3} <= keep_a
+    assert fitted.group(b).keep == [0, 1, 2, 3] and fitted.group(a).criterion == "global"
+    assert fitted.meta["allocation"]["budget_params"] == 20.0
+    with torch.no_grad():
+        assert float((apply(net, graph, fitted)(x) - net(x)).norm() / net(x).norm()) < 1e-6
+        uniform, _ = reconstruct_plan(net, graph, plan, x, opts.replace(select="criterion"))
+        assert float((apply(net, graph, uniform)(x) - net(x)).norm() / net(x).norm()) > 1e-3
+
+
+@settings(max_examples=20, deadline=None)
+@given(sizes=st.lists(st.integers(2, 7), min_size=1, max_size=4), frac=st.floats(0.0, 0.9),
+       seed=st.integers(0, 1000))
+def test_allocation_removes_the_prefix_closest_to_the_budget_and_keeps_forced_channels(sizes, frac, seed):
+    g = torch.Generator().manual_seed(seed)
+    pools, total = {}, 0.0
+    for gid, n in enumerate(sizes):
+        u = torch.randn(30, n, generator=g, dtype=torch.float64)
+        u = torch.cat([u, torch.ones(30, 1, dtype=torch.float64)], 1)
+        y = torch.randn(30, 2, generator=g, dtype=torch.float64)
+        params = torch.randint(1, 5, (n,), generator=g).double()
+        pools[gid] = Pool([(u.t() @ u, u.t() @ y, torch.arange(n)[:, None])], params, forced=[0] if gid == 0 else [])
+        total += float(params.sum())
+    budget = frac * total
+    keep = allocate(pools, budget)
+    removed = sum(float(p.params.sum()) - float(p.params[keep[gid]].sum()) for gid, p in pools.items())
+    assert 0 in keep[0] and all(len(k) >= 1 for k in keep.values())
+    assert removed <= budget + max(float(p.params.max()) for p in pools.values()) / 2 + 1e-9
+    assert all(keep[gid] == sorted(keep[gid]) and len(set(keep[gid])) == len(keep[gid]) for gid in keep)
+
+
+def test_greedy_chooses_whole_heads_from_the_data():
+    """Llama layer 0: kv group 0's heads write nothing (zero o_proj columns) yet have the largest weights —
+    the l1-norm keeps them; greedy selection over the heads' o_proj columns keeps the other group."""
+    pytest.importorskip("transformers")
+    from hf_models import build
+
+    model, x = build("llama")
+    attn = model.model.layers[0].self_attn
+    d = attn.head_dim
+    per_group = model.config.num_attention_heads // model.config.num_key_value_heads
+    with torch.no_grad():
+        attn.o_proj.weight[:, :per_group * d] = 0.0
+        for proj in (attn.q_proj, attn.k_proj, attn.v_proj):
+            proj.weight[:d * (per_group if proj is attn.q_proj else 1)] *= 50.0
+    graph = ChannelGraph.build(model, x)
+    gid = int(np.unique(graph.member("model.layers.0.self_attn.o_proj", "in").group)[0])
+    plan = Plan([GroupPlan.from_group(graph.groups[gid], [0], criterion="l1-norm")])
+    calib = torch.randint(0, 1000, (48, 12), generator=torch.Generator().manual_seed(3))
+    opts = ReconstructOptions(calibration=48, select="greedy", residual=False, layers="consumers")
+    fitted, reports = reconstruct_plan(model, graph, plan, calib, opts)
+    assert fitted.group(gid).keep == [1] and reports[0]["selected"] == "greedy"
+    rel = {r["module"]: r["rel_error"] for r in reports}
+    assert rel["model.layers.0.self_attn.o_proj"] < 1e-6  # the kept heads carry all of o_proj's output
