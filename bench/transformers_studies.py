@@ -35,6 +35,10 @@ def run_study(name: str, sets: list[str], reuse: bool) -> dict:
     return json.loads(out)
 
 
+RIVALS = ("magnitude", "wanda-sp", "flap", "flap-adaptive", "torch-pruning")
+OURS = ("reconstruct", "reconstruct-global", "lstsq", "merge")
+
+
 def checks(report: dict) -> list[str]:
     """The issue's must-reach lines, measured in this report."""
     rows = [r for r in report["rows"] if not r.get("finetune_steps") and r.get("target") == "heads+mlp"]
@@ -47,20 +51,20 @@ def checks(report: dict) -> list[str]:
                 continue
             best = min(at, key=at.get)
             ok = at[best] <= limit * dense
-            others = {m: v for m, v in at.items() if m in ("flap", "wanda-sp", "magnitude")}
+            others = {m: v for m, v in at.items() if m in RIVALS}
             lines.append(f"- {int(100 * removed)} % removed: best `{best}` {at[best]:.3f} = "
                          f"{at[best] / dense:.3f}× dense (target ≤ {limit}×: {'met' if ok else 'missed'}); "
                          + ", ".join(f"{m} {v:.3f} ({v / dense:.2f}×)" for m, v in sorted(others.items())))
     else:
         base = report["baseline_accuracy"]
         far = [r for r in report["rows"] if not r.get("finetune_steps") and r["macs_reduction"] >= 0.40]
-        ours = [r for r in far if r["method"].split("+")[0] in ("reconstruct", "lstsq", "merge")]
+        ours = [r for r in far if r["method"].split("+")[0] in OURS]
         if ours:
             best = max(ours, key=lambda r: r["accuracy"])
             rivals = {}
             for r in far:
                 name = r["method"].split("+")[0]
-                if name in ("magnitude", "wanda-sp", "flap", "torch-pruning"):
+                if name in RIVALS:
                     rivals[name] = max(rivals.get(name, r), r, key=lambda q: q["accuracy"])
             gap = base - best["accuracy"]
             lines.append(f"- ≥ 40 % MACs removed: best prunekit row `{best['method']}` at {best['removed']} removed "

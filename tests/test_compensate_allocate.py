@@ -74,7 +74,7 @@ def test_global_selection_spends_the_budget_on_the_free_channels_and_is_then_exa
     keep_a = set(fitted.group(a).keep)
     assert len(keep_a) == 4 and len(keep_a & {0, 4}) == 1 and len(keep_a & {1, 5}) == 1 and {2, 3} <= keep_a
     assert fitted.group(b).keep == [0, 1, 2, 3] and fitted.group(a).criterion == "global"
-    assert fitted.meta["allocation"]["budget_params"] == 20.0
+    assert fitted.meta["allocation"]["budget_removed"] == 20.0  # MACs per sample = parameters (flat layers)
     with torch.no_grad():
         assert float((apply(net, graph, fitted)(x) - net(x)).norm() / net(x).norm()) < 1e-6
         uniform, _ = reconstruct_plan(net, graph, plan, x, opts.replace(select="criterion"))
@@ -96,9 +96,9 @@ def test_allocation_removes_the_prefix_closest_to_the_budget_and_keeps_forced_ch
         total += float(params.sum())
     budget = frac * total
     keep = allocate(pools, budget)
-    removed = sum(float(p.params.sum()) - float(p.params[keep[gid]].sum()) for gid, p in pools.items())
+    removed = sum(float(p.price.sum()) - float(p.price[keep[gid]].sum()) for gid, p in pools.items())
     assert 0 in keep[0] and all(len(k) >= 1 for k in keep.values())
-    assert removed <= budget + max(float(p.params.max()) for p in pools.values()) / 2 + 1e-9
+    assert removed <= budget + max(float(p.price.max()) for p in pools.values()) / 2 + 1e-9
     assert all(keep[gid] == sorted(keep[gid]) and len(set(keep[gid])) == len(keep[gid]) for gid in keep)
 
 
@@ -125,3 +125,19 @@ def test_greedy_chooses_whole_heads_from_the_data():
     assert fitted.group(gid).keep == [1] and reports[0]["selected"] == "greedy"
     rel = {r["module"]: r["rel_error"] for r in reports}
     assert rel["model.layers.0.self_attn.o_proj"] < 1e-6  # the kept heads carry all of o_proj's output
+
+
+def test_reconstruct_method_in_global_scope_reallocates_and_reports_it():
+    from prunekit.methods import PruneOptions, get_method
+
+    net = _two_group_net()
+    x = torch.randn(400, 5, generator=torch.Generator().manual_seed(4))
+    opts = PruneOptions(ratio=0.3, scope="global", calibration_data=x, method_options={"calibration": 400})
+    res = get_method("reconstruct")(net, x[:1], opts)
+    assert res.details["select"] == "global" and res.details["allocation"]["groups"] == 2
+    # 3 of the 10 neurons (30 MACs): A's two free copies, then B's cheapest
+    assert res.model[0].out_features == 4 and res.model[2].out_features == 3
+    assert res.details["allocation"]["budget_removed"] == 30.0
+    local = get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, calibration_data=x,
+                                                                method_options={"calibration": 400}))
+    assert local.details["select"] == "greedy" and local.details["allocation"] is None

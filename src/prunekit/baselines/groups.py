@@ -139,15 +139,18 @@ def member_slices(model: nn.Module, member: Member) -> Iterator[tuple[str, torch
         yield name, t
 
 
-def channel_costs(model: nn.Module, group: Group) -> torch.Tensor:
+def channel_costs(model: nn.Module, group: Group, positions: dict[str, int] | None = None) -> torch.Tensor:
     """Parameters each channel of ``group`` owns (float64, (N,)): the elements of every slice of every
     member (a head: its q/k/v rows + biases and its output-projection columns). FLAP's compression
-    weight (head = 4·128·d, neuron = 3·d parameters for LLaMA-7B) generalised to any group."""
+    weight (head = 4·128·d, neuron = 3·d parameters for LLaMA-7B) generalised to any group. With
+    ``positions`` (``{module: output positions per sample}``, e.g. H_out·W_out of a conv) each element
+    counts that many times: the multiply-accumulates the channel costs."""
     cost = torch.zeros(group.size, dtype=torch.float64)
     for m in group.members:
         sel = m.indices(group.id)
         ch = torch.from_numpy(m.channel[sel])
+        times = float(positions.get(m.module, 1)) if positions is not None else 1.0
         for _, t in member_slices(model, m):
-            per = float(t[0].numel()) if t.shape[0] else 0.0
+            per = float(t[0].numel()) * times if t.shape[0] else 0.0
             cost.index_add_(0, ch, torch.full((len(sel),), per, dtype=torch.float64))
     return cost

@@ -1,4 +1,4 @@
-"""Survivors of several groups chosen together: one budget of parameters, spent where a refit loses least.
+"""Survivors of several groups chosen together: one budget (MACs or parameters), spent where a refit loses least.
 
 Each group ``g`` has consumers whose outputs ``Y`` are refit by least squares on the kept input columns
 (:mod:`.reconstruct`). For one consumer with Gram ``G = [U|1]ᵀ[U|1]`` and cross ``C = [U|1]ᵀY`` over the
@@ -9,7 +9,7 @@ block) raises the error by the block form of OBS
 
 after which ``A ← A − A_{:b} (A_bb)⁻¹ A_{b:}`` and ``W ← W − A_{:b} (A_bb)⁻¹ W_b`` (the refit on S \\ b).
 Channels are removed one at a time, across all groups, always the one with the least
-``Σ_consumers cost(b) / params(b)`` — error per parameter saved — until the removed parameters are closest
+``Σ_consumers cost(b) / price(b)`` — error per MAC (or parameter) saved — until what is removed is closest
 to the budget. Costs are in the consumers' output units: comparable when the consumers write into one
 stream (every output and down projection of a pre-norm transformer adds into the residual stream; the
 second conv of every residual block into its stage). The statistics come from the unpruned network, so
@@ -56,21 +56,21 @@ class _Elimination:
 
 @dataclass
 class Pool:
-    """One group in the allocation: its consumers' statistics, each channel's parameter cost, the channels
-    that must stay (``forced``), and the fewest channels it may keep."""
+    """One group in the allocation: its consumers' statistics, each channel's price (the MACs or parameters
+    removing it saves), the channels that must stay (``forced``), and the fewest channels it may keep."""
 
     stats: list[Stats]
-    params: torch.Tensor  # (N,) float64
+    price: torch.Tensor  # (N,) float64
     forced: list[int] = field(default_factory=list)
     min_keep: int = 1
 
 
 def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict[int, list[int]]:
-    """Kept channels per group (sorted) after removing about ``budget`` parameters, cheapest error per
-    parameter first (module docstring). ``ridge`` is relative to the mean diagonal of each Gram."""
+    """Kept channels per group (sorted) after removing channels whose prices sum to about ``budget``, the
+    least error per unit of price first (module docstring). ``ridge`` is relative to the mean diagonal of each Gram."""
     states = {g: [_Elimination(gram, cross, blocks, ridge) for gram, cross, blocks in p.stats]
               for g, p in pools.items()}
-    alive = {g: torch.ones(len(p.params), dtype=torch.bool) for g, p in pools.items()}
+    alive = {g: torch.ones(len(p.price), dtype=torch.bool) for g, p in pools.items()}
     candidate = {g: alive[g].clone() for g in pools}
     for g, p in pools.items():
         candidate[g][list(p.forced)] = False
@@ -82,7 +82,7 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict
         if len(cand) == 0 or int(alive[g].sum()) <= max(p.min_keep, 1):
             best.pop(g, None)
             return
-        cost = sum(s.costs(cand) for s in states[g]) / p.params[cand].clamp_min(1.0)
+        cost = sum(s.costs(cand) for s in states[g]) / p.price[cand].clamp_min(1.0)
         i = int(torch.argmin(cost))
         best[g] = (float(cost[i]), int(cand[i]))
 
@@ -92,7 +92,7 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict
     while best:
         g = min(best, key=lambda k: (best[k][0], k))
         c = best[g][1]
-        step = float(pools[g].params[c])
+        step = float(pools[g].price[c])
         if removed + step - budget > budget - removed:  # the prefix closest to the budget
             break
         for s in states[g]:

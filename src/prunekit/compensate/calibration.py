@@ -75,6 +75,19 @@ def call_order(model: nn.Module, inputs: Any) -> dict[str, int]:
     return {name: i for i, name in enumerate(seen.values)}
 
 
+def output_positions(model: nn.Module, names: list[str], inputs: Any) -> dict[str, int]:
+    """``{module: output positions per sample}`` on one input: H_out·W_out for a convolution or BatchNorm
+    (channels on dim 1), the token positions for a Linear-like layer (channels last); 1 for a flat output."""
+    with capture(model, names, what="output") as seen, torch.no_grad():
+        call(model, take(inputs, slice(0, 1)))
+    out = {}
+    for name, y in seen.values.items():
+        module = model.get_submodule(name)
+        dim = 1 if isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._NormBase)) else -1
+        out[name] = max(1, y.numel() // (y.shape[0] * y.shape[dim])) if y.dim() > 1 else 1
+    return out
+
+
 def module_inputs(model: nn.Module, names: list[str], inputs: Any) -> dict[str, torch.Tensor]:
     """The first input tensor of each module in ``names`` on ``inputs``; the pass stops after the last
     of them. Raises ConfigError naming modules that were never called."""

@@ -43,7 +43,7 @@ from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
 from ..runtime import eval_mode
 from .batchnorm import batchnorm_refits
-from .calibration import batches, calibration_inputs, call_order, take
+from .calibration import batches, calibration_inputs, call_order, output_positions, take
 from .constants import followers
 from .allocate import Pool, allocate
 from .greedy import select_channels
@@ -74,7 +74,10 @@ class ReconstructOptions:
             Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
             (a head: its D columns) against the consumers' outputs (:mod:`.greedy`); or ``global``: the
             parameters the plan removes from those groups are re-spent across them, channel by channel where
-            the refit loses least per parameter (:mod:`.allocate`; the groups' sizes change, the total does not).
+            the refit loses least per parameter (:mod:`.allocate`; the groups' sizes change, the total does not;
+            the pool: the plan's groups that prune something or have a planned ratio above 0).
+        budget: what ``select="global"`` keeps constant: ``macs`` (multiply-accumulates per sample: a channel's
+            weights times its layers' output positions) or ``params``.
         backward: greedy selection goes ``backward · P`` channels past P, then drops as many again, each time
             the one whose removal costs least (forward–backward, OBS-style costs; 0: forward only). Measured at
             0.25: LeNet-300-100 +0.25 pt at 0.7 (mean of 3 seeds), ResNet-20 ±0 at 0.5 and −0.3 at 0.7.
@@ -105,6 +108,7 @@ class ReconstructOptions:
     max_gram_bytes: int = 2 << 30
     layers: str = "all"
     select: str = "criterion"
+    budget: str = "macs"
     residual: bool = True
     weighted: bool = False
     backward: float = 0.0
@@ -116,6 +120,8 @@ class ReconstructOptions:
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ConfigError(f"select must be one of {list(SELECTIONS)}, got {self.select!r}")
+        if self.budget not in ("macs", "params"):
+            raise ConfigError(f"budget must be 'macs' or 'params', got {self.budget!r}")
         if self.layers not in ("consumers", "all"):
             raise ConfigError(f"layers must be 'consumers' or 'all', got {self.layers!r}")
         if not isinstance(self.calibration, int) or isinstance(self.calibration, bool) or self.calibration < 1:
@@ -565,30 +571,41 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
 def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions
                    ) -> tuple[Plan, dict[str, Any]]:
     """The plan with the survivors of every selectable pruned group re-chosen together (:mod:`.allocate`) from
-    the unpruned network's statistics, the parameters they remove kept; and a summary for the report."""
+    the unpruned network's statistics, the MACs (or parameters) they remove kept; and a summary for the report."""
     pool_ids = [gp.group_id for gp in plan.groups
-                if len(gp.keep) < graph.groups[gp.group_id].size and _selectable(model, graph, gp.group_id)]
+                if ((gp.ratio or 0) > 0 or len(gp.keep) < graph.groups[gp.group_id].size)
+                and _selectable(model, graph, gp.group_id)]
     if not pool_ids:
         return plan, {}
     names = [m.module for gid in pool_ids for m in graph.groups[gid].members if m.role == "in"]
     targets = Targets(model, names, inputs, options.batch_size, options.positions, options.seed, {}, None,
                       options.max_cache_bytes)
+    positions = None
+    if options.budget == "macs":
+        members = sorted({m.module for gid in pool_ids for m in graph.groups[gid].members})
+        with eval_mode(model):
+            positions = output_positions(model, members, inputs)
+    follow = followers(model)
     pools, budget = {}, 0.0
     for gid in pool_ids:
         g = graph.groups[gid]
         stats = []
         for c, blocks, (train,), _ in _group_statistics(model, graph, gid, targets, model, options.calibration,
                                                         options, {}, None):
+            if c.name in follow:  # errors in the units after the BatchNorm: (γ/σ)² per output
+                bn = model.get_submodule(follow[c.name])
+                scale = (bn.running_var.double() + bn.eps).reciprocal()
+                train = train.weighted(scale * bn.weight.detach().double() ** 2 if bn.weight is not None else scale)
             kept = _kept_outputs(graph, plan, c.name)
             full = train if kept is None else train.outputs(torch.from_numpy(kept))
             stats.append((full.gram, full.cross, blocks))
-        params = channel_costs(model, g)
-        budget += float(params.sum()) - float(params[plan.group(gid).keep].sum())
-        pools[gid] = Pool(stats, params, forced=sorted(g.blocked))
+        price = channel_costs(model, g, positions)
+        budget += float(price.sum()) - float(price[plan.group(gid).keep].sum())
+        pools[gid] = Pool(stats, price, forced=sorted(g.blocked))
     keep = allocate(pools, budget)
     groups = [gp.replace(keep=keep[gp.group_id], criterion="global") if gp.group_id in keep else gp
               for gp in plan.groups]
-    summary = {"groups": len(pools), "budget_params": budget,
+    summary = {"groups": len(pools), "budget": options.budget, "budget_removed": budget,
                "kept": {str(gid): len(keep[gid]) for gid in pools},
                "planned": {str(gid): len(plan.group(gid).keep) for gid in pools}}
     return Plan(groups=groups, meta=dict(plan.meta), refits=list(plan.refits)), summary
@@ -639,11 +656,11 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         norm = follow.get(name) if module.bias is None else None
         intercept = options.intercept and (module.bias is not None or norm is not None
                                            or (options.add_bias and isinstance(module, nn.Linear)))
-        gid = _greedy_group(model, graph, name, plan) if options.select == "greedy" else None
+        gid = _greedy_group(model, graph, name, plan) if options.select in ("greedy", "global") else None
         if gid is not None and gid not in selected:
             keep, cached = _select_greedy(model, graph, plan, gid, targets, options, intercept, n_train, skips,
                                           fx_graph)
-            plan.groups = [gp.replace(keep=keep, criterion="greedy") if gp.group_id == gid else gp
+            plan.groups = [gp.replace(keep=keep, criterion=options.select) if gp.group_id == gid else gp
                            for gp in plan.groups]
             selected.add(gid)
         c = _consumer(model, graph, keep_masks(graph, plan).masks, name)

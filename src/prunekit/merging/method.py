@@ -24,7 +24,8 @@ from dataclasses import fields
 from typing import Any
 
 from ..compensate import LstsqOptions, ReconstructOptions, reconstruct_plan
-from ..engine import ChannelGraph, apply
+from ..engine import ChannelGraph, GroupPlan, Plan, apply
+from ..engine.select import resolve_overrides
 from ..errors import ConfigError
 from ..methods import MethodResult, PruneOptions, register_method
 from .core import MergeOptions, compensate, merge, select
@@ -113,11 +114,30 @@ def least_squares(model, example_inputs: Any, options: PruneOptions) -> MethodRe
     return MethodResult(result.model, details)
 
 
+def _with_whole_groups(graph: ChannelGraph, plan: Plan, options: PruneOptions) -> Plan:
+    """``plan`` plus every prunable group the global ranking left whole (overridden groups excepted), at the
+    global ratio: all of them share the budget of ``select="global"``."""
+    fixed = set(resolve_overrides(graph, options.overrides))
+    have = {gp.group_id for gp in plan.groups}
+    extra = [GroupPlan.from_group(g, list(range(g.size)), criterion=options.criterion, ratio=options.ratio)
+             for g in graph.prunable_groups if g.id not in have and g.id not in fixed]
+    return Plan(groups=[*plan.groups, *extra], meta=dict(plan.meta), refits=list(plan.refits))
+
+
+def _reconstruct_selection(options: PruneOptions, asked: str | None) -> str:
+    """``criterion="greedy"`` → greedy; else the ``select`` method option; else ``global`` in global scope
+    (the budget spent across groups where the refit loses least) and ``greedy`` (uniform widths) otherwise."""
+    if options.criterion == "greedy":
+        return "greedy"
+    return asked or ("global" if options.scope == "global" else "greedy")
+
+
 @register_method("reconstruct")
 def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
     """Whole-layer reconstruction: as many survivors per group as the criterion (or a preset, e.g. ``resnet``)
     keeps, chosen greedily from the calibration data against the consumers' outputs (``select=criterion``:
-    the criterion's own survivors), then every
+    the criterion's own survivors; ``scope="global"`` or ``select=global``: the same parameters spent across
+    groups where the refit loses least, :mod:`prunekit.compensate.allocate`), then every
     consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
     inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""
     extra = dict(getattr(options, "method_options", None) or {})
@@ -125,16 +145,20 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     data = _calibration_data(options, "reconstruct")
     ro = ReconstructOptions(**{k: extra[k] for k in _RECONSTRUCT_FIELDS if k not in ("select",)
                                and extra.get(k) is not None},
-                            select="greedy" if options.criterion == "greedy" else extra.get("select") or "greedy",
+                            select=_reconstruct_selection(options, extra.get("select")),
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
-    plan, reports = reconstruct_plan(model, graph, select(model, graph, mo), data, ro)
+    planned = select(model, graph, mo)
+    if ro.select == "global" and options.scope == "global" and mo.preset is None:  # a preset names its groups
+        planned = _with_whole_groups(graph, planned, options)
+    plan, reports = reconstruct_plan(model, graph, planned, data, ro)
     new = apply(model, graph, plan)
     new.prunekit_plan = plan
     refit = [r for r in reports if r["action"] == "refit"]
     removed = sum(g.size - len(g.keep) for g in plan.groups)
     return MethodResult(new, {"criterion_used": options.criterion, "preset": mo.preset, "calibration": ro.calibration,
-                              "ridge": ro.ridge, "channels_removed": removed, "pruned": removed, "merged": 0,
+                              "ridge": ro.ridge, "select": ro.select, "allocation": plan.meta.get("allocation"),
+                              "channels_removed": removed, "pruned": removed, "merged": 0,
                               "consumers_refit": len(refit),
                               "underdetermined": [r["module"] for r in refit if r["underdetermined"]],
                               "groups": reports})

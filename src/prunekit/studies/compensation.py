@@ -62,6 +62,8 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "+residual": ("reconstruct", "l1-norm", {"select": "greedy", "residual": True, "layers": "consumers"}),
     "reconstruct": ("reconstruct", "l1-norm", {}),  # the defaults: greedy + residual + every drifted layer
     "reconstruct+bn": ("reconstruct", "l1-norm", {"bn_recalibrate": True}),
+    # the same MACs spent across the blocks where the refit loses least (compensate.allocate)
+    "reconstruct-global": ("reconstruct", "l1-norm", {"select": "global"}),
 }
 #: the ablation rows run at ratio 0.5 only
 ABLATION = ("+greedy", "+residual", "reconstruct+bn")

@@ -11,7 +11,13 @@ at 20 / 35 / 50 % in every layer, no fine-tuning, by every method side by side:
 * ``torch-pruning`` — Torch-Pruning 1.6 itself where it runs (ViT; its graph of a Llama does not finish);
 * ``merge`` / ``lstsq`` — prunekit's Neuron Merging / least-squares merging (heads and gated MLP neurons
   are not mergeable: these fall back to pruning, and the table shows it);
-* ``reconstruct`` — prunekit's whole-layer reconstruction (every consumer refit from calibration inputs).
+* ``reconstruct`` — prunekit's whole-layer reconstruction (every consumer refit from calibration inputs;
+  survivors, heads included, chosen greedily against the refit).
+
+Two **adaptive** rows spend the same parameters non-uniformly across layers and between heads and MLP
+neurons: ``flap-adaptive`` (FLAP's own AL-AM global structure: ``removed`` of the heads' and MLP neurons'
+parameters) and ``reconstruct-global`` (the uniform plan's parameters re-spent where the refit loses least
+per parameter, :mod:`prunekit.compensate.allocate`).
 
 Plus a row with the **hidden size** pruned too (``+hidden``), a calibration sweep (128 … 1,024 images or
 sequences) of ``reconstruct`` at 50 %, and for the LM a short recovery fine-tune (``finetune_steps``, 200 by
@@ -24,8 +30,10 @@ are measured on the pruned model. Study options (``--set KEY=VALUE``): ``removed
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +63,11 @@ METHODS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "merge": ("merge", "l1-norm", {}),
     "lstsq": ("lstsq", "l1-norm", {}),
     "reconstruct": ("reconstruct", "l1-norm", {}),
+    "flap-adaptive": ("flap", "l1-norm", {"structure": "AL-AM"}),
+    "reconstruct-global": ("reconstruct", "l1-norm", {"select": "global"}),
 }
+#: rows whose method allocates ``removed`` itself (a global ratio over the heads' and MLP groups)
+ADAPTIVE = ("flap-adaptive",)
 SETTABLE = ("removed", "methods", "calibration", "sweep", "finetune_steps", "test_size", "hidden")
 
 
@@ -172,9 +184,10 @@ class _Study:
 
     def prune(self, label: str, removed: float, n_cal: int, hidden: bool = False) -> tuple[nn.Module, float]:
         method, criterion, mo = METHODS[label]
-        overrides = {} if hidden else {self.setup.heads: removed, self.setup.mlp: removed}
+        adaptive = label in ADAPTIVE and not hidden
+        overrides = {} if hidden or adaptive else {self.setup.heads: removed, self.setup.mlp: removed}
         calibration = _calibration(self.setup, self.train_set, n_cal, self.options.seed)
-        opts = PruneOptions(ratio=removed if hidden else 0.0, criterion=criterion, overrides=overrides,
+        opts = PruneOptions(ratio=removed if hidden or adaptive else 0.0, criterion=criterion, overrides=overrides,
                             calibration_data=calibration, method_options={"calibration": n_cal, **mo}
                             if method in ("lstsq", "reconstruct") else dict(mo))
         start = time.perf_counter()
@@ -222,8 +235,9 @@ class _Study:
         recipe = get_recipe(self.setup.recipe)
         recipe = recipe.replace(epochs=1, steps_per_epoch=self.finetune_steps, lr=recipe.lr / 10, warmup_steps=0)
         start = time.perf_counter()
+        out = _fresh_unless_same_start(self.out / f"finetune-{label}", model)
         res = train(copy.deepcopy(model), self.train_set, self.test_set, recipe,
-                    out_dir=self.out / f"finetune-{label}", seed=self.options.seed, resume=True,
+                    out_dir=out, seed=self.options.seed, resume=True,
                     device=self.options.device, progress=self.options.progress)
         return self.row(label, 0.5, res.model.eval(), time.perf_counter() - start, target="heads+mlp",
                         finetune_steps=self.finetune_steps)
@@ -239,6 +253,21 @@ class _Study:
             stderr_log("torch-pruning is not installed (pip install torch-pruning): its rows are skipped")
             return []
         return [self.row("torch-pruning", removed, small, seconds, target="heads+mlp", calibration=0)]
+
+
+def _fresh_unless_same_start(out: Path, model: nn.Module) -> Path:
+    """``out``, emptied unless its run started from these very weights (``start.sha256``): a cached fine-tune
+    is resumed only for the same pruned model, never for one an earlier version of a method produced."""
+    digest = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    stamp = out / "start.sha256"
+    if out.exists() and (not stamp.exists() or stamp.read_text().strip() != digest.hexdigest()):
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(digest.hexdigest() + "\n")
+    return out
 
 
 def _torch_pruning_vit(model: nn.Module, removed: float, example: torch.Tensor) -> tuple[nn.Module, float]:
