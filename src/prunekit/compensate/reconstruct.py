@@ -37,15 +37,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..baselines.groups import channel_costs
 from ..engine import ChannelGraph, Plan, Refit, apply
+from ..engine.costs import channel_costs
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
 from ..runtime import eval_mode
+from .allocate import Pool, allocate
 from .batchnorm import batchnorm_refits
 from .calibration import batches, calibration_inputs, call_order, output_positions, take
 from .constants import followers
-from .allocate import Pool, allocate
 from .greedy import select_channels
 from .layers import is_linear, to_module_layout, weight_oi
 from .residual import Skip, find_skips, output_scale
