@@ -141,3 +141,49 @@ def test_reconstruct_method_in_global_scope_reallocates_and_reports_it():
     local = get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, calibration_data=x,
                                                                 method_options={"calibration": 400}))
     assert local.details["select"] == "greedy" and local.details["allocation"] is None
+
+
+def test_channel_prices_in_macs_count_each_weight_once_per_output_position():
+    """conv0 (2→4, 3×3, pad 1) feeds conv1 (4→3) on 6×6 maps: a conv0 channel owns 2·9 weights + 1 bias and
+    3·9 weights of conv1, each used at 36 output positions; a Linear on a 5-token sequence: 5 positions."""
+    from prunekit.compensate.calibration import output_positions
+    from prunekit.engine.costs import channel_costs
+
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1)).eval()
+    x = torch.randn(2, 2, 6, 6)
+    graph = ChannelGraph.build(net, x[:1])
+    pos = output_positions(net, ["0", "2"], x)
+    assert pos == {"0": 36, "2": 36}
+    group = graph.groups[graph.group("0").id]
+    assert channel_costs(net, group).tolist() == [2 * 9 + 1 + 3 * 9] * 4
+    assert channel_costs(net, group, pos).tolist() == [(2 * 9 + 1 + 3 * 9) * 36.0] * 4
+    seq = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    assert output_positions(seq, ["0", "2"], torch.randn(2, 5, 3)) == {"0": 5, "2": 5}
+
+
+def test_global_allocation_on_a_llama_keeps_the_macs_and_reloads(tmp_path):
+    """Heads (kv groups) and MLP neurons of both layers share one budget: the MACs the uniform plan removes
+    (each within one channel's price), the per-layer widths differ, and the model reloads bit-exactly."""
+    pytest.importorskip("transformers")
+    from hf_models import build, logits
+
+    from prunekit.engine import make_plan
+    from prunekit.io import load_model, save_model
+    from prunekit.metrics import count_macs
+
+    model, x = build("llama", intermediate=96)
+    graph = ChannelGraph.build(model, x)
+    plan = make_plan(model, graph, ratio=0.0, overrides={"*.self_attn.q_proj": 0.5, "*.mlp.gate_proj": 0.5})
+    calib = torch.randint(0, 1000, (64, 12), generator=torch.Generator().manual_seed(5))
+    opts = ReconstructOptions(calibration=64, select="global", residual=False)
+    fitted, _ = reconstruct_plan(model, graph, plan, calib, opts)
+    alloc = fitted.meta["allocation"]
+    assert alloc["groups"] == 4 and alloc["budget"] == "macs"
+    uniform, small = apply(model, graph, plan), apply(model, graph, fitted)
+    macs = {m: count_macs(m, x) for m in (uniform, small)}
+    head_group_price = (2 * 16 * 64 + 2 * 16 * 64 + 64 * 2 * 16) * 12  # 2 q heads + 1 kv head, 12 tokens
+    assert abs(macs[small] - macs[uniform]) <= head_group_price  # the closest prefix: within one channel
+    assert sorted(alloc["kept"].values()) != sorted(alloc["planned"].values())  # the widths moved
+    save_model(tmp_path / "m", small)
+    again, _ = load_model(tmp_path / "m", model=build("llama", intermediate=96, seed=7)[0])
+    torch.testing.assert_close(logits(again, x), logits(small, x), atol=0, rtol=0)
