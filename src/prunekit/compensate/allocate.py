@@ -9,8 +9,9 @@ block) raises the error by the block form of OBS
 
 after which ``A ← A − A_{:b} (A_bb)⁻¹ A_{b:}`` and ``W ← W − A_{:b} (A_bb)⁻¹ W_b`` (the refit on S \\ b).
 Channels are removed one at a time, across all groups, always the one with the least
-``Σ_consumers cost(b) / price(b)`` — error per MAC (or parameter) saved — until what is removed is closest
-to the budget. Costs are in the consumers' output units: comparable when the consumers write into one
+``Σ_consumers cost(b) / price(b)`` — error per MAC (or parameter) saved — while a removal brings the total
+closer to the budget (a group whose next channel would overshoot more than it helps is closed, the others
+go on: a large head group does not stop the small MLP neurons from filling the rest). Costs are in the consumers' output units: comparable when the consumers write into one
 stream (every output and down projection of a pre-norm transformer adds into the residual stream; the
 second conv of every residual block into its stage). The statistics come from the unpruned network, so
 this decides *how many and which* channels each group keeps; the sequential refits come after.
@@ -75,11 +76,12 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict
     for g, p in pools.items():
         candidate[g][list(p.forced)] = False
     best: dict[int, tuple[float, int]] = {}
+    full: set[int] = set()  # groups whose next channel would overshoot the budget
 
     def refresh(g: int) -> None:
         p = pools[g]
         cand = torch.nonzero(alive[g] & candidate[g]).flatten()
-        if len(cand) == 0 or int(alive[g].sum()) <= max(p.min_keep, 1):
+        if g in full or len(cand) == 0 or int(alive[g].sum()) <= max(p.min_keep, 1):
             best.pop(g, None)
             return
         cost = sum(s.costs(cand) for s in states[g]) / p.price[cand].clamp_min(1.0)
@@ -93,8 +95,10 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict
         g = min(best, key=lambda k: (best[k][0], k))
         c = best[g][1]
         step = float(pools[g].price[c])
-        if removed + step - budget > budget - removed:  # the prefix closest to the budget
-            break
+        if removed + step - budget > budget - removed:  # it overshoots more than it helps: the group is done
+            full.add(g)
+            best.pop(g)
+            continue
         for s in states[g]:
             s.drop(c)
         alive[g][c] = False
