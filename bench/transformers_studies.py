@@ -51,7 +51,7 @@ def checks(report: dict) -> list[str]:
                 continue
             best = min(at, key=at.get)
             ok = at[best] <= limit * dense
-            others = {m: v for m, v in at.items() if m in RIVALS}
+            others = {m: v for m, v in at.items() if m in RIVALS or (m in OURS and m != best)}
             lines.append(f"- {int(100 * removed)} % removed: best `{best}` {at[best]:.3f} = "
                          f"{at[best] / dense:.3f}× dense (target ≤ {limit}×: {'met' if ok else 'missed'}); "
                          + ", ".join(f"{m} {v:.3f} ({v / dense:.2f}×)" for m, v in sorted(others.items())))
