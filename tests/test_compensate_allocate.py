@@ -62,8 +62,9 @@ def _two_group_net() -> nn.Module:
 
 
 def test_global_selection_spends_the_budget_on_the_free_channels_and_is_then_exact():
-    """Uniform plan: one neuron from A and one from B (10 parameters each). Re-spent globally, the 20
-    parameters go to A's two copies (zero error): B keeps all four and the refit is exact."""
+    """Uniform plan: one neuron from A and one from B (10 weights and MACs each, sharing one fc2 weight:
+    19 in all). Re-spent globally, they go to A's two copies (20, zero error): B keeps all four and the
+    refit is exact."""
     net = _two_group_net()
     x = torch.randn(400, 5, generator=torch.Generator().manual_seed(1))
     graph = ChannelGraph.build(net, x[:1])
@@ -74,7 +75,7 @@ def test_global_selection_spends_the_budget_on_the_free_channels_and_is_then_exa
     keep_a = set(fitted.group(a).keep)
     assert len(keep_a) == 4 and len(keep_a & {0, 4}) == 1 and len(keep_a & {1, 5}) == 1 and {2, 3} <= keep_a
     assert fitted.group(b).keep == [0, 1, 2, 3] and fitted.group(a).criterion == "global"
-    assert fitted.meta["allocation"]["budget_removed"] == 20.0  # MACs per sample = parameters (flat layers)
+    assert fitted.meta["allocation"]["budget_removed"] == 19.0  # MACs per sample = parameters (flat layers)
     with torch.no_grad():
         assert float((apply(net, graph, fitted)(x) - net(x)).norm() / net(x).norm()) < 1e-6
         uniform, _ = reconstruct_plan(net, graph, plan, x, opts.replace(select="criterion"))
@@ -191,3 +192,29 @@ def test_global_allocation_on_a_llama_keeps_the_macs_and_reloads(tmp_path):
     save_model(tmp_path / "m", small)
     again, _ = load_model(tmp_path / "m", model=build("llama", intermediate=96, seed=7)[0])
     torch.testing.assert_close(logits(again, x), logits(small, x), atol=0, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(widths=st.lists(st.integers(2, 6), min_size=2, max_size=3), conv=st.booleans(), data=st.data())
+def test_prices_pay_every_shared_weight_once_and_add_up_to_what_surgery_removes(widths, conv, data):
+    """A chain whose hidden groups are all in play: the summed prices of any removal equal the parameters
+    (and, with positions, the MACs of the weights) that the physically pruned network lost."""
+    from prunekit.engine.costs import ChannelPrices
+    from prunekit.metrics import count_params
+
+    torch.manual_seed(0)
+    dims, layers = [3, *widths, 2], []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Conv2d(a, b, 3, padding=1) if conv else nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm2d(b) if conv else nn.Identity(), nn.ReLU()]
+    net = nn.Sequential(*layers).eval()
+    x = torch.randn(1, 3, 5, 5) if conv else torch.randn(1, 3)
+    graph = ChannelGraph.build(net, x)
+    groups = [g for g in graph.prunable_groups]
+    keep = {g.id: sorted(data.draw(st.sets(st.integers(0, g.size - 1), min_size=1, max_size=g.size)))
+            for g in groups}
+    prices = ChannelPrices(net, graph, [g.id for g in groups])
+    paid = prices.removed(keep, {g.id: g.size for g in groups})
+    small = apply(net, graph, Plan([GroupPlan(group_id=g.id, keep=keep[g.id], size=g.size) for g in groups]))
+    assert paid == pytest.approx(count_params(net) - count_params(small))

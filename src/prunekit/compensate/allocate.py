@@ -18,6 +18,7 @@ this decides *how many and which* channels each group keeps; the sequential refi
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -66,38 +67,49 @@ class Pool:
     min_keep: int = 1
 
 
-def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4) -> dict[int, list[int]]:
+def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4,
+             prices: Callable[[int, dict[int, torch.Tensor]], torch.Tensor] | None = None) -> dict[int, list[int]]:
     """Kept channels per group (sorted) after removing channels whose prices sum to about ``budget``, the
-    least error per unit of price first (module docstring). ``ridge`` is relative to the mean diagonal of each Gram."""
+    least error per unit of price first (module docstring). ``ridge`` is relative to the mean diagonal of
+    each Gram. ``prices(g, alive)``, when given, prices group g's channels given the channels still alive
+    (:class:`~prunekit.engine.costs.ChannelPrices`: a weight shared by two pooled groups is paid once);
+    otherwise each pool's fixed ``price``."""
     states = {g: [_Elimination(gram, cross, blocks, ridge) for gram, cross, blocks in p.stats]
               for g, p in pools.items()}
     alive = {g: torch.ones(len(p.price), dtype=torch.bool) for g, p in pools.items()}
     candidate = {g: alive[g].clone() for g in pools}
     for g, p in pools.items():
         candidate[g][list(p.forced)] = False
-    best: dict[int, tuple[float, int]] = {}
-    full: set[int] = set()  # groups whose next channel would overshoot the budget
+    price_of = prices or (lambda g, _alive: pools[g].price)
+    inf = float("inf")
+    error: dict[int, torch.Tensor] = {}  # (N,) error increase of dropping each channel now (inf: not allowed)
 
     def refresh(g: int) -> None:
         p = pools[g]
+        e = torch.full((len(p.price),), inf, dtype=torch.float64)
         cand = torch.nonzero(alive[g] & candidate[g]).flatten()
-        if g in full or len(cand) == 0 or int(alive[g].sum()) <= max(p.min_keep, 1):
-            best.pop(g, None)
-            return
-        cost = sum(s.costs(cand) for s in states[g]) / p.price[cand].clamp_min(1.0)
-        i = int(torch.argmin(cost))
-        best[g] = (float(cost[i]), int(cand[i]))
+        if len(cand) and int(alive[g].sum()) > max(p.min_keep, 1):
+            e[cand] = sum(s.costs(cand) for s in states[g])
+        error[g] = e
 
     for g in pools:
         refresh(g)
-    removed = 0.0
-    while best:
-        g = min(best, key=lambda k: (best[k][0], k))
-        c = best[g][1]
-        step = float(pools[g].price[c])
+    removed, full = 0.0, set()  # full: groups whose next channel would overshoot the budget
+    while True:
+        best = None
+        for g in pools:
+            if g in full or not torch.isfinite(error[g]).any():
+                continue
+            price = price_of(g, alive)
+            ratio = error[g] / price.clamp_min(1e-12)
+            c = int(torch.argmin(ratio))
+            if best is None or (float(ratio[c]), g) < best[:2]:
+                best = (float(ratio[c]), g, c, float(price[c]))
+        if best is None:
+            break
+        _, g, c, step = best
         if removed + step - budget > budget - removed:  # it overshoots more than it helps: the group is done
             full.add(g)
-            best.pop(g)
             continue
         for s in states[g]:
             s.drop(c)

@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import ChannelGraph, Plan, Refit, apply
-from ..engine.costs import channel_costs
+from ..engine.costs import ChannelPrices, channel_costs
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
 from ..runtime import eval_mode
@@ -599,10 +599,11 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
             kept = _kept_outputs(graph, plan, c.name)
             full = train if kept is None else train.outputs(torch.from_numpy(kept))
             stats.append((full.gram, full.cross, blocks))
-        price = channel_costs(model, g, positions)
-        budget += float(price.sum()) - float(price[plan.group(gid).keep].sum())
-        pools[gid] = Pool(stats, price, forced=sorted(g.blocked))
-    keep = allocate(pools, budget)
+        pools[gid] = Pool(stats, channel_costs(model, g, positions), forced=sorted(g.blocked))
+    prices = ChannelPrices(model, graph, pool_ids, positions)
+    budget = prices.removed({gid: plan.group(gid).keep for gid in pool_ids},
+                            {gid: graph.groups[gid].size for gid in pool_ids})
+    keep = allocate(pools, budget, prices=prices.of)
     groups = [gp.replace(keep=keep[gp.group_id], criterion="global") if gp.group_id in keep else gp
               for gp in plan.groups]
     summary = {"groups": len(pools), "budget": options.budget, "budget_removed": budget,
