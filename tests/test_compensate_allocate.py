@@ -218,3 +218,21 @@ def test_prices_pay_every_shared_weight_once_and_add_up_to_what_surgery_removes(
     paid = prices.removed(keep, {g.id: g.size for g in groups})
     small = apply(net, graph, Plan([GroupPlan(group_id=g.id, keep=keep[g.id], size=g.size) for g in groups]))
     assert paid == pytest.approx(count_params(net) - count_params(small))
+
+
+def test_errors_share_units_only_where_several_layers_write_the_same_channels():
+    """A transformer's output/down projections write the residual stream (stream units); a chain's hidden
+    layer and a classifier do not (each consumer's error becomes a fraction of its own output)."""
+    from prunekit.compensate.reconstruct import _writes_into_stream
+
+    net = _two_group_net()
+    graph = ChannelGraph.build(net, torch.zeros(1, 5))
+    assert not _writes_into_stream(graph, "2") and not _writes_into_stream(graph, "4")
+    pytest.importorskip("transformers")
+    from hf_models import build
+
+    model, x = build("llama")
+    graph = ChannelGraph.build(model, x)
+    assert _writes_into_stream(graph, "model.layers.0.self_attn.o_proj")
+    assert _writes_into_stream(graph, "model.layers.1.mlp.down_proj")
+    assert not _writes_into_stream(graph, "model.layers.0.self_attn.q_proj")

@@ -568,6 +568,23 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
     return keep, cache
 
 
+def _writes_into_stream(graph: ChannelGraph, name: str) -> bool:
+    """``name``'s outputs are channels that layers reading *different* inputs write too — a residual stream
+    (every output and down projection of a transformer, every block's last conv of a ResNet stage) — so
+    errors there share units. Parallel projections of one input (q/k/v, gate/up) are not a stream."""
+    member = graph.member(name, "out")
+    if member is None or not (member.group >= 0).any():
+        return False
+    gids = set(np.unique(member.group[member.group >= 0]).tolist())
+    writers = {m.module for gid in gids for m in graph.groups[gid].members if m.role == "out"}
+
+    def reads(module: str) -> tuple[int, ...] | None:
+        m = graph.member(module, "in")
+        return None if m is None else tuple(sorted(set(m.group.tolist())))
+
+    return len({reads(w) for w in writers}) > 1
+
+
 def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions
                    ) -> tuple[Plan, dict[str, Any]]:
     """The plan with the survivors of every selectable pruned group re-chosen together (:mod:`.allocate`) from
@@ -598,6 +615,8 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
                 train = train.weighted(scale * bn.weight.detach().double() ** 2 if bn.weight is not None else scale)
             kept = _kept_outputs(graph, plan, c.name)
             full = train if kept is None else train.outputs(torch.from_numpy(kept))
+            if not _writes_into_stream(graph, c.name):  # a chain: its own units, as a fraction of its output
+                full = full.weighted(torch.full_like(full.energy, 1.0 / max(full.total(), 1e-300)))
             stats.append((full.gram, full.cross, blocks))
         pools[gid] = Pool(stats, channel_costs(model, g, positions), forced=sorted(g.blocked))
     prices = ChannelPrices(model, graph, pool_ids, positions)
