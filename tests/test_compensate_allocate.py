@@ -3,6 +3,8 @@ selection of multi-column channels (heads): the OBS block costs against brute-fo
 free channels taken first, heads chosen from the data."""
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -204,7 +206,7 @@ def test_prices_pay_every_shared_weight_once_and_add_up_to_what_surgery_removes(
 
     torch.manual_seed(0)
     dims, layers = [3, *widths, 2], []
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+    for i, (a, b) in enumerate(pairwise(dims)):
         layers.append(nn.Conv2d(a, b, 3, padding=1) if conv else nn.Linear(a, b))
         if i < len(dims) - 2:
             layers += [nn.BatchNorm2d(b) if conv else nn.Identity(), nn.ReLU()]

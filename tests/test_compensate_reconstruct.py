@@ -334,7 +334,7 @@ def test_batchnorm_re_estimation_matches_the_pruned_networks_statistics():
                                                                            dilation=(1, 2)),
                                   nn.Conv1d(3, 4, 5, stride=2, padding=2)])
 def test_sampled_patches_are_the_unfolded_rows_at_those_positions(conv):
-    from prunekit.compensate.reconstruct import _patches
+    from prunekit.compensate.normal_equations import patches as _patches
     from prunekit.compensate.targets import output_rows as _outputs
 
     x = torch.randn(2, 3, 9, 8) if isinstance(conv, nn.Conv2d) else torch.randn(2, 3, 11)

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -44,12 +43,13 @@ from ..errors import ConfigError
 from ..runtime import eval_mode
 from .allocate import Pool, allocate
 from .batchnorm import batchnorm_refits
-from .calibration import batches, calibration_inputs, call_order, output_positions, take
+from .calibration import calibration_inputs, call_order, output_positions, take
 from .constants import followers
 from .greedy import select_channels
-from .layers import is_linear, to_module_layout, weight_oi
-from .residual import Skip, find_skips, output_scale
-from .targets import Targets, compressed_values, output_rows
+from .layers import to_module_layout, weight_oi
+from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
+from .residual import Skip, find_skips
+from .targets import Targets
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SELECTIONS = ("criterion", "greedy", "global")
@@ -147,222 +147,6 @@ class ReconstructOptions:
         return d
 
 
-# ----------------------------------------------------------------------------------------------
-# a consumer's regression problem
-
-
-def _conv_groups(module: nn.Module) -> int:
-    return int(getattr(module, "groups", 1))
-
-
-def supported(module: nn.Module) -> str | None:
-    """None when ``module`` can be refit; else why not."""
-    if is_linear(module):
-        return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.transposed:
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r}"
-        return None
-    return f"{type(module).__name__} is not refit (Linear, transformers' Conv1D and Conv1d/2d are)"
-
-
-def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """(kernel, dilation, padding, stride) of a Conv1d/2d as 2-d tuples (Conv1d: height 1)."""
-    if isinstance(module, nn.Conv1d):
-        return ((1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride))
-    if isinstance(module.padding, str):
-        raise ConfigError(f"padding={module.padding!r} is not supported by the reconstruction (give explicit "
-                          "padding)")
-    return module.kernel_size, module.dilation, module.padding, module.stride
-
-
-def _patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """The consumer's input as regression rows: Linear (rows, I); conv (rows, I·k) patches, where rows run
-    over samples and output positions (all, or the flat output indices ``positions``) and columns are
-    ordered as the weight's ``(I, *kernel)``."""
-    if is_linear(module):
-        return x.reshape(-1, x.shape[-1])
-    x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
-    k, d, p, s = _conv_geometry(module)
-    if positions is None:
-        u = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, I·k, L)
-        return u.transpose(1, 2).reshape(-1, u.shape[1])
-    xp = F.pad(x, (p[1], p[1], p[0], p[0]))
-    w_out = (x.shape[3] + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1
-    oy, ox = positions // w_out, positions % w_out
-    iy = oy[:, None] * s[0] + torch.arange(k[0]) * d[0]  # (P, kh): rows read by each sampled output
-    ix = ox[:, None] * s[1] + torch.arange(k[1]) * d[1]
-    patches = xp[:, :, iy[:, :, None], ix[:, None, :]]  # (B, I, P, kh, kw)
-    return patches.permute(0, 2, 1, 3, 4).reshape(-1, x.shape[1] * k[0] * k[1])
-
-
-@dataclass
-class _Normal:
-    """Normal equations of one conv group / linear layer: ``gram = [U|1]ᵀ[U|1]``, ``cross = [U|1]ᵀY``,
-    ``energy[o] = ‖Y[:, o]‖²``, ``rows``. The constant column is last (present even without intercept)."""
-
-    gram: torch.Tensor
-    cross: torch.Tensor
-    energy: torch.Tensor
-    rows: int = 0
-
-    @classmethod
-    def zeros(cls, d: int, o: int) -> _Normal:
-        return cls(torch.zeros(d + 1, d + 1, dtype=torch.float64), torch.zeros(d + 1, o, dtype=torch.float64),
-                   torch.zeros(o, dtype=torch.float64))
-
-    def add(self, u: torch.Tensor, y: torch.Tensor) -> None:
-        """Accumulate one batch of rows. Large batches (over 2²⁰ entries) are multiplied in float32 and
-        accumulated in float64 (about 1e-6 relative per batch, far below the ridge); small ones in float64."""
-        dtype = torch.float32 if u.numel() > 1 << 20 else torch.float64
-        u = torch.cat([u.to(dtype), torch.ones(u.shape[0], 1, dtype=dtype, device=u.device)], 1)
-        y = y.to(dtype)
-        self.gram += (u.t() @ u).cpu().double()
-        self.cross += (u.t() @ y).cpu().double()
-        self.energy += (y.double() * y.double()).sum(0).cpu()
-        self.rows += u.shape[0]
-
-    def absorb(self, other: _Normal) -> _Normal:
-        """Add ``other``'s statistics to these (in place); returns self."""
-        self.gram += other.gram
-        self.cross += other.cross
-        self.energy += other.energy
-        self.rows += other.rows
-        return self
-
-    def outputs(self, keep: torch.Tensor) -> _Normal:
-        """The same statistics for the outputs ``keep`` (bool over O) only."""
-        return _Normal(self.gram, self.cross[:, keep], self.energy[keep], self.rows)
-
-    def weighted(self, w: torch.Tensor) -> _Normal:
-        """Outputs weighted by ``w`` (O,): errors count ``w_o``-fold (targets scaled by √w_o)."""
-        r = w.sqrt().to(self.cross)
-        return _Normal(self.gram, self.cross * r[None, :], self.energy * w.to(self.energy), self.rows)
-
-    def total(self) -> float:
-        return float(self.energy.sum())
-
-    def residual(self, coef: torch.Tensor) -> float:
-        """‖Y − [U|1] coef‖² from the statistics alone."""
-        return self.total() - 2 * float(torch.sum(coef * self.cross)) + float(torch.sum(coef * (self.gram @ coef)))
-
-
-def _solve(stats: _Normal, prior: torch.Tensor, r: float, intercept: bool) -> torch.Tensor:
-    """Ridge solution (D+1, O) shrunk towards ``prior`` (D+1, O); without intercept the constant row is 0."""
-    d = stats.gram.shape[0] - 1
-    lam = r * float(torch.trace(stats.gram[:d, :d])) / max(d, 1)
-    lam = lam if lam > 0 else r
-    idx = torch.arange(d + 1) if intercept else torch.arange(d)
-    pen = torch.full((len(idx),), lam, dtype=torch.float64)
-    if intercept:
-        pen[-1] = 0.0
-    a = stats.gram[idx][:, idx] + torch.diag(pen)
-    rhs = stats.cross[idx] + pen[:, None] * prior[idx]
-    try:
-        sol = torch.linalg.solve(a, rhs)
-    except RuntimeError:  # singular (ridge 0 and rank-deficient inputs)
-        sol = torch.linalg.lstsq(a, rhs).solution
-    out = torch.zeros_like(prior)
-    out[idx] = sol
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# one consumer
-
-
-@dataclass
-class _Consumer:
-    name: str
-    module: nn.Module  # in the original model
-    keep: np.ndarray  # bool over its original inputs
-    groups: int
-
-    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Per conv group: (its kept inputs as indices into the weight's input dim, the same inputs in the
-        pruned model's input, its output rows)."""
-        n_in = len(self.keep)
-        n_out = self.weight.shape[0]
-        gi, go = n_in // self.groups, n_out // self.groups
-        new_index = np.cumsum(self.keep) - 1
-        out = []
-        for g in range(self.groups):
-            local = np.nonzero(self.keep[g * gi:(g + 1) * gi])[0]
-            out.append((torch.from_numpy(local), torch.from_numpy(new_index[local + g * gi]),
-                        torch.arange(g * go, (g + 1) * go)))
-        return out
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The original weight as (O, I, *kernel)."""
-        return weight_oi(self.module)
-
-    @property
-    def taps(self) -> int:
-        """k: kernel positions per input channel (1 for Linear)."""
-        return int(np.prod(self.weight.shape[2:], dtype=np.int64))
-
-    def prior(self, local_in: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
-        """(D+1, O_g): the original weight on one block's kept inputs, with the original bias last."""
-        w = self.weight.double()[out_rows][:, local_in]
-        b = self.module.bias
-        bias = b.detach().double()[out_rows] if b is not None else torch.zeros(len(out_rows), dtype=torch.float64)
-        return torch.cat([w.reshape(len(out_rows), -1), bias[:, None]], 1).t()
-
-
-def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise ConfigError(f"the calibration {what} of '{name}' contain NaN or Inf (check the inputs and the "
-                          "model's weights)")
-
-
-def _statistics(targets: Targets, compressed: nn.Module, c: _Consumer, n_train: int, skip: Skip | None = None,
-                fx_graph: Any = None) -> tuple[list[_Normal], list[_Normal]]:
-    """(train, held-out) normal equations per conv group of consumer ``c``: its input in ``compressed`` against
-    its original output (:class:`~prunekit.compensate.targets.Targets`), plus, with a ``skip``, the skip
-    branch's drift mapped into its output space (:mod:`.residual`)."""
-    blocks = c.blocks()
-    sizes = [len(b[0]) * c.taps for b in blocks]
-    train = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
-    val = [_Normal.zeros(d, len(b[2])) for d, b in zip(sizes, blocks)]
-    scale = output_scale(skip, targets.model) if skip is not None else None
-    dim = -1 if is_linear(c.module) else 1
-    seen = 0
-    for b, xb in enumerate(batches(targets.inputs, targets.batch_size)):
-        y, s_o = targets.batch(c.name, b, xb)
-        x, s_c = compressed_values(compressed, c.name, skip, fx_graph, xb)
-        pos = targets.positions[c.name]
-        if s_o is not None and s_c is not None:
-            s_c = output_rows(c.module, s_c, pos)
-            if s_c.shape == s_o.shape:  # else the residual stream itself is pruned: no correspondence
-                y = y + (s_o - s_c) * (1.0 if scale is None else scale.to(y)[None, :])
-        _check_finite(x, c.name, "inputs")
-        _check_finite(y, c.name, "outputs")
-        n = x.shape[0]
-        per_sample = y.shape[0] // n
-        cut = min(max(n_train - seen, 0), n)  # samples of this batch that belong to the training part
-        for stats_list, lo, hi in ((train, 0, cut), (val, cut, n)):
-            if hi <= lo:
-                continue
-            for stats, (_, in_new, out_rows) in zip(stats_list, blocks):
-                xs = x[lo:hi].index_select(dim, in_new.to(x.device))
-                ys = y[lo * per_sample:hi * per_sample].index_select(1, out_rows)
-                u = _patches(c.module, xs, pos) if xs.shape[dim] else ys.new_zeros(ys.shape[0], 0)
-                stats.add(u, ys)
-        seen += n
-    return train, val
-
-
-def _check_gram_size(c: _Consumer, options: ReconstructOptions) -> None:
-    k = c.taps
-    d_max = max(len(b[0]) * k for b in c.blocks()) + 1
-    need = 2 * d_max * d_max * 8 * c.groups
-    if need > options.max_gram_bytes:
-        raise ConfigError(f"reconstructing '{c.name}' needs Gram matrices of {need / 2**30:.2f} GiB "
-                          f"({c.groups} × ({d_max})²), over max_gram_bytes={options.max_gram_bytes}; prune "
-                          "this layer without refit (ignore it) or raise the limit")
-
-
 def _n_train(options: ReconstructOptions, n_total: int) -> int:
     """Calibration inputs used for fitting; the rest (``holdout``) chooses the ridge."""
     if options.ridge is not None or n_total < 2:
@@ -370,7 +154,7 @@ def _n_train(options: ReconstructOptions, n_total: int) -> int:
     return n_total - max(1, round(options.holdout * n_total))
 
 
-def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: ReconstructOptions,
+def _fit(c: Consumer, train: list[Normal], val: list[Normal], options: ReconstructOptions,
          intercept: bool, kept_out: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """New weight (O, I'/groups, *k) and intercept (O,) of one consumer from its statistics, and a report.
 
@@ -382,18 +166,18 @@ def _fit(c: _Consumer, train: list[_Normal], val: list[_Normal], options: Recons
     kept = torch.ones(c.weight.shape[0], dtype=torch.bool) if kept_out is None else torch.from_numpy(kept_out)
     masks = [kept[b[2]] for b in blocks]
 
-    def residual(stats: list[_Normal], coefs: list[torch.Tensor]) -> float:
+    def residual(stats: list[Normal], coefs: list[torch.Tensor]) -> float:
         return sum(s.outputs(m).residual(x[:, m]) for s, x, m in zip(stats, coefs, masks))
 
     choose = options.ridge is None and all(v.rows for v in val)
     if choose:
-        scores = {r: residual(val, [_solve(t, p, r, intercept) for t, p in zip(train, priors)])
+        scores = {r: residual(val, [solve(t, p, r, intercept) for t, p in zip(train, priors)])
                   for r in options.ridge_grid}
         ridge = min(scores, key=lambda r: (scores[r], -r))
     else:
         ridge = options.ridge if options.ridge is not None else options.ridge_grid[len(options.ridge_grid) // 2]
     full = [t.absorb(v) for t, v in zip(train, val)]
-    sols = [_solve(s, p, ridge, intercept) for s, p in zip(full, priors)]
+    sols = [solve(s, p, ridge, intercept) for s, p in zip(full, priors)]
     if not intercept:  # plain pruning keeps the original bias; so does a refit without intercept
         for sol, p in zip(sols, priors):
             sol[-1] = p[-1]
@@ -424,7 +208,7 @@ def _downstream_weights(model: nn.Module, graph: ChannelGraph, name: str) -> tor
         for m in g.members:
             module = model.get_submodule(m.module)
             sel = np.nonzero(m.group == gid)[0]
-            if m.role == "in" and supported(module) is None and _conv_groups(module) == 1:
+            if m.role == "in" and supported(module) is None and conv_groups(module) == 1:
                 w = weight_oi(module).double()
                 cols = (w.transpose(0, 1).reshape(w.shape[1], -1) ** 2).sum(1).numpy()
                 np.add.at(per_channel, m.channel[sel], cols[sel])
@@ -472,15 +256,15 @@ def _layers_to_refit(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarr
     return sorted(set(todo), key=lambda name: order.get(name, 1 << 30)), reports
 
 
-def _consumer(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], name: str) -> _Consumer:
+def _consumer(model: nn.Module, graph: ChannelGraph, masks: list[np.ndarray], name: str) -> Consumer:
     module = model.get_submodule(name)
     member = graph.member(name, "in")
     if member is not None:
         keep = member_keep(member, masks)
     else:
-        n_in = weight_oi(module).shape[1] * _conv_groups(module)
+        n_in = weight_oi(module).shape[1] * conv_groups(module)
         keep = np.ones(n_in, dtype=bool)
-    return _Consumer(name, module, keep, _conv_groups(module))
+    return Consumer(name, module, keep, conv_groups(module))
 
 
 def _channel_blocks(member: Any, gid: int, n_channels: int, taps: int) -> torch.Tensor | None:
@@ -502,7 +286,7 @@ def _selectable(model: nn.Module, graph: ChannelGraph, gid: int) -> bool:
     consumers = [m for m in g.members if m.role == "in"]
     for m in consumers:
         module = model.get_submodule(m.module)
-        if supported(module) is not None or _conv_groups(module) != 1 or (m.group != gid).any() \
+        if supported(module) is not None or conv_groups(module) != 1 or (m.group != gid).any() \
                 or _channel_blocks(m, gid, g.size, 1) is None:
             return False
     return bool(consumers)
@@ -524,7 +308,7 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
 
 def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: Targets, compressed: nn.Module,
                       n_train: int, options: ReconstructOptions, skips: dict[str, Skip], fx_graph: Any
-                      ) -> list[tuple[_Consumer, torch.Tensor, list[_Normal], list[_Normal]]]:
+                      ) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
     """Per consumer of group ``gid``: (the consumer over all its inputs, its channel blocks, its train and
     held-out statistics with ``compressed`` as the network it reads from)."""
     g = graph.groups[gid]
@@ -532,17 +316,17 @@ def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: 
     for m in g.members:
         if m.role != "in":
             continue
-        c = _Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
-        _check_gram_size(c, options)
+        c = Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
+        check_gram_size(c, options.max_gram_bytes)
         with eval_mode(model, compressed):
-            train, val = _statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
+            train, val = statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
         out.append((c, _channel_blocks(m, gid, g.size, c.taps), train, val))
     return out
 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
                    options: ReconstructOptions, intercept: bool, n_train: int, skips: dict[str, Skip],
-                   fx_graph: Any) -> tuple[list[int], dict[str, tuple[_Normal, _Normal]]]:
+                   fx_graph: Any) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
     from the network in which every earlier decision is applied and ``gid`` is whole.
 
@@ -555,7 +339,7 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
     for c, blocks, (train,), (val,) in _group_statistics(model, graph, gid, targets, compressed, n_train, options,
                                                         skips, fx_graph):
         cache[c.name] = (train, val)
-        full = _Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
+        full = Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
                        train.rows + val.rows)
         if options.weighted and (w := _downstream_weights(model, graph, c.name)) is not None:
             full = full.weighted(w)
@@ -631,11 +415,11 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
     return Plan(groups=groups, meta=dict(plan.meta), refits=list(plan.refits)), summary
 
 
-def _restrict(stats: _Normal, inputs: np.ndarray, k: int) -> _Normal:
+def _restrict(stats: Normal, inputs: np.ndarray, k: int) -> Normal:
     """``stats`` of a consumer over all its inputs, reduced to the inputs ``inputs`` (bool; k columns each)."""
     cols = (np.nonzero(inputs)[0][:, None] * k + np.arange(k)[None, :]).reshape(-1)
     idx = torch.as_tensor(np.append(cols, stats.gram.shape[0] - 1), dtype=torch.long)
-    return _Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
+    return Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
 
 
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
@@ -684,13 +468,13 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
                            for gp in plan.groups]
             selected.add(gid)
         c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
-        _check_gram_size(c, options)
+        check_gram_size(c, options.max_gram_bytes)
         if name in cached:  # gathered by the greedy selection, over all the group's channels
             train, val = ([_restrict(s, c.keep, c.taps)] for s in cached.pop(name))
         else:
             compressed = apply(model, graph, plan, verify=False)
             with eval_mode(model, compressed):
-                train, val = _statistics(targets, compressed, c, n_train, skips.get(name), fx_graph)
+                train, val = statistics(targets, compressed, c, n_train, skips.get(name), fx_graph)
         weight, bias, rep = _fit(c, train, val, options, intercept, _kept_outputs(graph, plan, name))
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)
