@@ -148,6 +148,11 @@ def test_reconstruct_method_in_global_scope_reallocates_and_reports_it():
     local = get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, calibration_data=x,
                                                                 method_options={"calibration": 400}))
     assert local.details["select"] == "greedy" and local.details["allocation"] is None
+    from prunekit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="round_to=4 is not honoured by the global allocation"):
+        get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, scope="global", round_to=4,
+                                                           calibration_data=x, method_options={"calibration": 400}))
 
 
 def test_channel_prices_in_macs_count_each_weight_once_per_output_position():

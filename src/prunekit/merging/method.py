@@ -129,7 +129,12 @@ def _reconstruct_selection(options: PruneOptions, asked: str | None) -> str:
     (the budget spent across groups where the refit loses least) and ``greedy`` (uniform widths) otherwise."""
     if options.criterion == "greedy":
         return "greedy"
-    return asked or ("global" if options.scope == "global" else "greedy")
+    chosen = asked or ("global" if options.scope == "global" else "greedy")
+    if chosen == "global" and options.round_to:
+        raise ConfigError(f"round_to={options.round_to} is not honoured by the global allocation of "
+                          "'reconstruct' (it picks any width per group): drop round_to, or keep uniform widths "
+                          "with --scope local / --method-option select=greedy")
+    return chosen
 
 
 @register_method("reconstruct")
