@@ -18,8 +18,8 @@ this decides *how many and which* channels each group keeps; the sequential refi
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -67,53 +67,71 @@ class Pool:
     min_keep: int = 1
 
 
-def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4,
-             prices: Callable[[int, dict[int, torch.Tensor]], torch.Tensor] | None = None) -> dict[int, list[int]]:
+class FixedPrices:
+    """Each pool's own ``price``: nothing shared (the default of :func:`allocate`)."""
+
+    def __init__(self, pools: dict[int, Pool]):
+        self.pools = pools
+
+    def of(self, gid: int, alive: dict[int, torch.Tensor]) -> torch.Tensor:
+        return self.pools[gid].price
+
+    def dependents(self, gid: int) -> set[int]:
+        return set()
+
+
+def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4, prices: Any = None
+             ) -> dict[int, list[int]]:
     """Kept channels per group (sorted) after removing channels whose prices sum to about ``budget``, the
     least error per unit of price first (module docstring). ``ridge`` is relative to the mean diagonal of
-    each Gram. ``prices(g, alive)``, when given, prices group g's channels given the channels still alive
-    (:class:`~prunekit.engine.costs.ChannelPrices`: a weight shared by two pooled groups is paid once);
-    otherwise each pool's fixed ``price``."""
+    each Gram. ``prices`` (``of(g, alive) → (N,)``, ``dependents(g)``: the groups whose prices change when g
+    loses a channel), e.g. :class:`~prunekit.engine.costs.ChannelPrices` (a weight shared by two pooled groups
+    is paid once); by default each pool's fixed ``price``. Per step only the group that lost a channel (its
+    costs) and its dependents (their prices) are recomputed."""
+    prices = prices or FixedPrices(pools)
     states = {g: [_Elimination(gram, cross, blocks, ridge) for gram, cross, blocks in p.stats]
               for g, p in pools.items()}
     alive = {g: torch.ones(len(p.price), dtype=torch.bool) for g, p in pools.items()}
     candidate = {g: alive[g].clone() for g in pools}
     for g, p in pools.items():
         candidate[g][list(p.forced)] = False
-    price_of = prices or (lambda g, _alive: pools[g].price)
-    inf = float("inf")
     error: dict[int, torch.Tensor] = {}  # (N,) error increase of dropping each channel now (inf: not allowed)
+    best: dict[int, tuple[float, int, float]] = {}  # per open group: (error per price, channel, price)
+    full: set[int] = set()  # groups whose next channel would overshoot the budget
 
-    def refresh(g: int) -> None:
+    def refresh_error(g: int) -> None:
         p = pools[g]
-        e = torch.full((len(p.price),), inf, dtype=torch.float64)
+        e = torch.full((len(p.price),), float("inf"), dtype=torch.float64)
         cand = torch.nonzero(alive[g] & candidate[g]).flatten()
         if len(cand) and int(alive[g].sum()) > max(p.min_keep, 1):
             e[cand] = sum(s.costs(cand) for s in states[g])
         error[g] = e
 
+    def refresh_best(g: int) -> None:
+        best.pop(g, None)
+        if g in full or not torch.isfinite(error[g]).any():
+            return
+        price = prices.of(g, alive)
+        ratio = error[g] / price.clamp_min(1e-12)
+        c = int(torch.argmin(ratio))
+        best[g] = (float(ratio[c]), c, float(price[c]))
+
     for g in pools:
-        refresh(g)
-    removed, full = 0.0, set()  # full: groups whose next channel would overshoot the budget
-    while True:
-        best = None
-        for g in pools:
-            if g in full or not torch.isfinite(error[g]).any():
-                continue
-            price = price_of(g, alive)
-            ratio = error[g] / price.clamp_min(1e-12)
-            c = int(torch.argmin(ratio))
-            if best is None or (float(ratio[c]), g) < best[:2]:
-                best = (float(ratio[c]), g, c, float(price[c]))
-        if best is None:
-            break
-        _, g, c, step = best
+        refresh_error(g)
+        refresh_best(g)
+    removed = 0.0
+    while best:
+        g = min(best, key=lambda k: (best[k][0], k))
+        _, c, step = best[g]
         if removed + step - budget > budget - removed:  # it overshoots more than it helps: the group is done
             full.add(g)
+            best.pop(g)
             continue
         for s in states[g]:
             s.drop(c)
         alive[g][c] = False
         removed += step
-        refresh(g)
+        refresh_error(g)
+        for h in {g} | (prices.dependents(g) & set(pools)):
+            refresh_best(h)
     return {g: torch.nonzero(alive[g]).flatten().tolist() for g in pools}

@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..engine import ChannelGraph, Plan, Refit, apply
-from ..engine.costs import ChannelPrices, channel_costs
+from ..engine.costs import ChannelPrices
 from ..engine.masks import keep_masks, member_keep
 from ..errors import ConfigError
 from ..runtime import eval_mode
@@ -73,8 +73,8 @@ class ReconstructOptions:
         select: ``criterion`` (the plan's survivors), ``greedy``: for every group read only by plain
             Linear/conv consumers, the same number of survivors chosen by forward selection of whole channels
             (a head: its D columns) against the consumers' outputs (:mod:`.greedy`); or ``global``: the
-            parameters the plan removes from those groups are re-spent across them, channel by channel where
-            the refit loses least per parameter (:mod:`.allocate`; the groups' sizes change, the total does not;
+            MACs (``budget``) the plan removes from those groups are re-spent across them, channel by channel where
+            the refit loses least per MAC (:mod:`.allocate`; the groups' sizes change, the total does not;
             the pool: the plan's groups that prune something or have a planned ratio above 0).
         budget: what ``select="global"`` keeps constant: ``macs`` (multiply-accumulates per sample: a channel's
             weights times its layers' output positions) or ``params``.
@@ -387,7 +387,9 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
         with eval_mode(model):
             positions = output_positions(model, members, inputs)
     follow = followers(model)
-    pools, budget = {}, 0.0
+    prices = ChannelPrices(model, graph, pool_ids, positions)
+    whole = {gid: torch.ones(graph.groups[gid].size, dtype=torch.bool) for gid in pool_ids}
+    pools = {}
     for gid in pool_ids:
         g = graph.groups[gid]
         stats = []
@@ -402,11 +404,10 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
             if not _writes_into_stream(graph, c.name):  # a chain: its own units, as a fraction of its output
                 full = full.weighted(torch.full_like(full.energy, 1.0 / max(full.total(), 1e-300)))
             stats.append((full.gram, full.cross, blocks))
-        pools[gid] = Pool(stats, channel_costs(model, g, positions), forced=sorted(g.blocked))
-    prices = ChannelPrices(model, graph, pool_ids, positions)
+        pools[gid] = Pool(stats, prices.of(gid, whole), forced=sorted(g.blocked))
     budget = prices.removed({gid: plan.group(gid).keep for gid in pool_ids},
                             {gid: graph.groups[gid].size for gid in pool_ids})
-    keep = allocate(pools, budget, prices=prices.of)
+    keep = allocate(pools, budget, prices=prices)
     groups = [gp.replace(keep=keep[gp.group_id], criterion="global") if gp.group_id in keep else gp
               for gp in plan.groups]
     summary = {"groups": len(pools), "budget": options.budget, "budget_removed": budget,

@@ -93,6 +93,10 @@ class ChannelPrices:
                     terms.append((counts, float(t[0].numel()) * times, fixed, opposite))
             self.terms[gid] = terms
 
+    def dependents(self, gid: int) -> set[int]:
+        """The groups whose prices change when ``gid`` loses a channel (they share weights with it)."""
+        return {g for g, terms in self.terms.items() if any(h == gid for *_, opp in terms for h, _ in opp)}
+
     def of(self, gid: int, alive: dict[int, torch.Tensor]) -> torch.Tensor:
         """(N,) prices of group ``gid``'s channels given the channels still ``alive`` (bool (N_g,) per group)."""
         price = None
@@ -106,12 +110,13 @@ class ChannelPrices:
         return price if price is not None else torch.zeros(0, dtype=torch.float64)
 
     def removed(self, keep: dict[int, list[int]], sizes: dict[int, int]) -> float:
-        """What removing every channel not in ``keep`` costs in all (each element once)."""
+        """What removing every channel not in ``keep`` costs in all, each shared element once: group by group,
+        a group paying for what the groups before it left (channels of one group share no weight)."""
         alive = {g: torch.ones(sizes[g], dtype=torch.bool) for g in self.terms}
         total = 0.0
         for g in self.terms:
-            gone = sorted(set(range(sizes[g])) - set(keep[g]))
-            for c in gone:
-                total += float(self.of(g, alive)[c])
-                alive[g][c] = False
+            gone = torch.ones(sizes[g], dtype=torch.bool)
+            gone[list(keep[g])] = False
+            total += float(self.of(g, alive)[gone].sum())
+            alive[g] &= ~gone
         return total
