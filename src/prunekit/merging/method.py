@@ -141,7 +141,7 @@ def _reconstruct_selection(options: PruneOptions, asked: str | None) -> str:
 def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResult:
     """Whole-layer reconstruction: as many survivors per group as the criterion (or a preset, e.g. ``resnet``)
     keeps, chosen greedily from the calibration data against the consumers' outputs (``select=criterion``:
-    the criterion's own survivors; ``scope="global"`` or ``select=global``: the same parameters spent across
+    the criterion's own survivors; ``scope="global"`` or ``select=global``: the same MACs spent across
     groups where the refit loses least, :mod:`prunekit.compensate.allocate`), then every
     consumer's whole weight refit by ridge least squares of its original output on unlabeled calibration
     inputs, in execution order (:mod:`prunekit.compensate.reconstruct`)."""

@@ -16,8 +16,8 @@ at 20 / 35 / 50 % in every layer, no fine-tuning, by every method side by side:
 
 Two **adaptive** rows spend the same parameters non-uniformly across layers and between heads and MLP
 neurons: ``flap-adaptive`` (FLAP's own AL-AM global structure: ``removed`` of the heads' and MLP neurons'
-parameters) and ``reconstruct-global`` (the uniform plan's parameters re-spent where the refit loses least
-per parameter, :mod:`prunekit.compensate.allocate`).
+parameters) and ``reconstruct-global`` (the uniform plan's MACs re-spent where the refit loses least per MAC,
+:mod:`prunekit.compensate.allocate`).
 
 Plus a row with the **hidden size** pruned too (``+hidden``), a calibration sweep (128 … 1,024 images or
 sequences) of ``reconstruct`` at 50 %, and for the LM a short recovery fine-tune (``finetune_steps``, 200 by
@@ -261,7 +261,7 @@ def _fresh_unless_same_start(out: Path, model: nn.Module) -> Path:
     digest = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     stamp = out / "start.sha256"
     if out.exists() and (not stamp.exists() or stamp.read_text().strip() != digest.hexdigest()):
         shutil.rmtree(out)
