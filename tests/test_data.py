@@ -14,9 +14,9 @@ import os
 import pickle
 import struct
 import sys
-import tarfile
 from pathlib import Path
 
+import archive_util
 import numpy as np
 import pytest
 import torch
@@ -771,19 +771,7 @@ def test_fetch_missing_url_and_no_download(tmp_path, monkeypatch):
         fetch("imagenet", tmp_path)
 
 
-def _tar_gz(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for name, blob in members.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(blob)
-            tar.addfile(ti, io.BytesIO(blob))
-        for name, target in (links or {}).items():
-            ti = tarfile.TarInfo(name)
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = target
-            tar.addfile(ti)
-    return buf.getvalue()
+_tar_gz = archive_util.tar_gz
 
 
 def test_fetch_cifar_archive_and_safe_extraction(tmp_path, monkeypatch):

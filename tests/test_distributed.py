@@ -2,12 +2,10 @@
 from __future__ import annotations
 
 import json
-import runpy
 
 import pytest
 import torch
-from ddp_util import run_two_ranks
-from safetensors.torch import load_file
+from ddp_util import ddp_and_single
 
 from prunekit import distributed
 from prunekit.errors import ConfigError
@@ -60,17 +58,9 @@ if __name__ == "__main__":
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
-    run_two_ranks(script, str(tmp_path / "ddp"))
-
-    single = runpy.run_path(str(script))["run"](tmp_path / "single")
-    ddp_weights = load_file(tmp_path / "ddp" / "model.safetensors")
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(ddp_weights[k], v, rtol=0, atol=1e-5, msg=f"{k} differs")
+    ddp_weights, ddp_log, single = ddp_and_single(SCRIPT, tmp_path, "ddp_train.py")
     assert ddp_weights["1.weight"].abs().max() <= 0.15  # every rank applied the clamp
 
-    ddp_log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in ddp_log] == [0, 1]  # rank 0 alone wrote it
     assert [r["world_size"] for r in ddp_log] == [2, 2]
     for d, s in zip(ddp_log, single.history):

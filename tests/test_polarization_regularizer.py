@@ -2,11 +2,9 @@
 network slimming, gates, Trainer integration, DDP."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from ddp_util import run_two_ranks
+from ddp_util import ddp_and_single
 from torch import nn
 
 from prunekit import models
@@ -233,17 +231,6 @@ if __name__ == "__main__":
 
 
 def test_ddp_two_ranks_apply_the_same_update(tmp_path):
-    import runpy
-
-    from safetensors.torch import load_file
-
-    script = tmp_path / "ddp_pol.py"
-    script.write_text(DDP_SCRIPT)
-    run_two_ranks(script, str(tmp_path / "ddp"))
-    single = runpy.run_path(str(script))["run"](tmp_path / "single")
-    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(ddp[k], v, rtol=0, atol=1e-5, msg=f"{k} differs")
+    ddp, log, single = ddp_and_single(DDP_SCRIPT, tmp_path, "ddp_pol.py")
     assert ddp["2.weight"].min() >= 0 and ddp["2.weight"].max() <= 1
-    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
     assert log[-1]["train_penalty"] == pytest.approx(single.history[-1]["train_penalty"], rel=1e-5)

@@ -246,20 +246,9 @@ if __name__ == "__main__":
 
 
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    import runpy
+    from ddp_util import ddp_and_single
 
-    from ddp_util import run_two_ranks
-    from safetensors.torch import load_file
-
-    script = tmp_path / "ddp_lm.py"
-    script.write_text(DDP_SCRIPT)
-    run_two_ranks(script, str(tmp_path / "ddp"))
-    single = runpy.run_path(str(script))["run"](tmp_path / "single")
-
-    ddp = load_file(tmp_path / "ddp" / "model.safetensors")
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(ddp[k], v, rtol=0, atol=1e-5, msg=f"{k} differs")
-    log = [json.loads(line) for line in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    _, log, single = ddp_and_single(DDP_SCRIPT, tmp_path, "ddp_lm.py")
     for d, s in zip(log, single.history, strict=True):
         assert d["train_loss"] == pytest.approx(s["train_loss"], rel=1e-5)
         assert d["perplexity"] == pytest.approx(s["perplexity"], rel=1e-5)  # all 13 test blocks, once
