@@ -8,7 +8,6 @@ ordered as the weight's ``(I, *kernel)``, with a constant column last.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from ..errors import ConfigError
 from .calibration import batches
 from .layers import is_linear, weight_oi
+from .passes import ResumablePasses
 from .residual import Skip, output_scale
 from .targets import Targets, compressed_values, output_rows
 
@@ -191,7 +191,7 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
 
 
 def statistics(targets: Targets, compressed: nn.Module, c: Consumer, n_train: int, skip: Skip | None = None,
-                fx_graph: Any = None) -> tuple[list[Normal], list[Normal]]:
+                passes: ResumablePasses | None = None) -> tuple[list[Normal], list[Normal]]:
     """(train, held-out) normal equations per conv group of consumer ``c``: its input in ``compressed`` against
     its original output (:class:`~prunekit.compensate.targets.Targets`), plus, with a ``skip``, the skip
     branch's drift mapped into its output space (:mod:`.residual`)."""
@@ -204,7 +204,7 @@ def statistics(targets: Targets, compressed: nn.Module, c: Consumer, n_train: in
     seen = 0
     for b, xb in enumerate(batches(targets.inputs, targets.batch_size)):
         y, s_o = targets.batch(c.name, b, xb)
-        x, s_c = compressed_values(compressed, c.name, skip, fx_graph, xb)
+        x, s_c = compressed_values(compressed, c.name, skip, passes, b, xb)
         pos = targets.positions[c.name]
         if s_o is not None and s_c is not None:
             s_c = output_rows(c.module, s_c, pos)

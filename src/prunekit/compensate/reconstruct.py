@@ -48,6 +48,7 @@ from .constants import followers
 from .greedy import select_channels
 from .layers import to_module_layout, weight_oi
 from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
+from .passes import ResumablePasses
 from .residual import Skip, find_skips
 from .targets import Targets
 
@@ -307,8 +308,8 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
 
 
 def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: Targets, compressed: nn.Module,
-                      n_train: int, options: ReconstructOptions, skips: dict[str, Skip], fx_graph: Any
-                      ) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
+                      n_train: int, options: ReconstructOptions, skips: dict[str, Skip],
+                      passes: ResumablePasses | None) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
     """Per consumer of group ``gid``: (the consumer over all its inputs, its channel blocks, its train and
     held-out statistics with ``compressed`` as the network it reads from)."""
     g = graph.groups[gid]
@@ -319,14 +320,14 @@ def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: 
         c = Consumer(m.module, model.get_submodule(m.module), np.ones(len(m), dtype=bool), 1)
         check_gram_size(c, options.max_gram_bytes)
         with eval_mode(model, compressed):
-            train, val = statistics(targets, compressed, c, n_train, skips.get(m.module), fx_graph)
+            train, val = statistics(targets, compressed, c, n_train, skips.get(m.module), passes)
         out.append((c, _channel_blocks(m, gid, g.size, c.taps), train, val))
     return out
 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
                    options: ReconstructOptions, intercept: bool, n_train: int, skips: dict[str, Skip],
-                   fx_graph: Any) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
+                   passes: ResumablePasses | None) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
     from the network in which every earlier decision is applied and ``gid`` is whole.
 
@@ -337,7 +338,7 @@ def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, 
     compressed = apply(model, graph, whole, verify=False)
     stats, cache = [], {}
     for c, blocks, (train,), (val,) in _group_statistics(model, graph, gid, targets, compressed, n_train, options,
-                                                        skips, fx_graph):
+                                                        skips, passes):
         cache[c.name] = (train, val)
         full = Normal(train.gram + val.gram, train.cross + val.cross, train.energy + val.energy,
                        train.rows + val.rows)
@@ -449,7 +450,9 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
     with eval_mode(model):
-        skips, fx_graph = find_skips(model, take(inputs, slice(0, 1))) if options.residual else ({}, None)
+        skips, fx_graph = find_skips(model, take(inputs, slice(0, 1)))
+    skips = skips if options.residual else {}
+    passes = ResumablePasses(fx_graph, options.max_cache_bytes) if fx_graph is not None else None
     targets = Targets(model, todo, inputs, options.batch_size, options.positions, options.seed, skips, fx_graph,
                       options.max_cache_bytes)
     n_train, cached = _n_train(options, n_total), {}
@@ -464,7 +467,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         gid = _greedy_group(model, graph, name, plan) if options.select in ("greedy", "global") else None
         if gid is not None and gid not in selected:
             keep, cached = _select_greedy(model, graph, plan, gid, targets, options, intercept, n_train, skips,
-                                          fx_graph)
+                                          passes)
             plan.groups = [gp.replace(keep=keep, criterion=options.select) if gp.group_id == gid else gp
                            for gp in plan.groups]
             selected.add(gid)
@@ -475,7 +478,7 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
         else:
             compressed = apply(model, graph, plan, verify=False)
             with eval_mode(model, compressed):
-                train, val = statistics(targets, compressed, c, n_train, skips.get(name), fx_graph)
+                train, val = statistics(targets, compressed, c, n_train, skips.get(name), passes)
         weight, bias, rep = _fit(c, train, val, options, intercept, _kept_outputs(graph, plan, name))
         if module.bias is not None:
             refit = Refit(module=name, weight=weight, bias=bias)

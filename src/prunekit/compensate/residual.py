@@ -13,7 +13,6 @@ the skip value is read from the same trace, run by an interpreter that stops onc
 from __future__ import annotations
 
 import operator
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ import torch
 from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..runtime import StopForward, as_inputs
+from .passes import placeholders, run_until
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 
@@ -69,45 +68,14 @@ def find_skips(model: nn.Module, probe: Any = None) -> tuple[dict[str, Skip], fx
     return out, graph
 
 
-class _Recorder(fx.Interpreter):
-    """Runs a traced graph and keeps the values of ``wanted`` nodes; stops once it has them all."""
-
-    def __init__(self, module: fx.GraphModule, wanted: set[str]):
-        super().__init__(module)
-        self.wanted, self.values = wanted, {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        value = super().run_node(n)
-        if n.name in self.wanted:
-            self.values[n.name] = value.detach() if isinstance(value, torch.Tensor) else value
-            if len(self.values) == len(self.wanted):
-                raise StopForward
-        return value
-
-
-_MODULES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (graph, its GraphModule)
-
-
-def _graph_module(model: nn.Module, graph: fx.Graph) -> fx.GraphModule:
-    """``GraphModule(model, graph)``, built once per (model, graph) — building one compiles Python code."""
-    cached = _MODULES.get(model)
-    if cached is None or cached[0] is not graph:
-        cached = (graph, fx.GraphModule(model, graph))
-        _MODULES[model] = cached
-    return cached[1]
-
-
 def node_values(model: nn.Module, graph: fx.Graph, names: set[str], inputs: Any) -> dict[str, torch.Tensor]:
-    """Values of the fx nodes ``names`` of ``graph`` (traced from a model with ``model``'s module names)."""
-    rec = _Recorder(_graph_module(model, graph), names)
-    args, kwargs = as_inputs(inputs)
-    holders = [n for n in graph.nodes if n.op == "placeholder"][len(args):]
-    args = [*args, *(kwargs[p.target] if p.target in kwargs else (p.args[0] if p.args else None) for p in holders)]
-    try:
-        rec.run(*args)
-    except StopForward:
-        pass
-    return rec.values
+    """Values of the fx nodes ``names`` of ``graph`` (traced from a model with ``model``'s module names); the
+    pass stops once it has them."""
+    nodes = list(graph.nodes)
+    wanted = {n for n in nodes if n.name in names}
+    env: dict[fx.Node, Any] = {}
+    run_until(fx.Interpreter(model, graph=graph), nodes, 0, env, wanted, placeholders(graph, inputs))
+    return {w.name: env[w].detach() if isinstance(env[w], torch.Tensor) else env[w] for w in wanted}
 
 
 def output_scale(skip: Skip, model: nn.Module) -> torch.Tensor | None:

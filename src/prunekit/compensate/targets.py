@@ -5,8 +5,8 @@
   every calibration batch: **one** pass of the original network for all layers (an fx interpreter when the
   model traces, hooks otherwise). When the rows would exceed ``max_bytes`` they are recomputed per layer
   instead (one original pass per layer), so memory stays bounded.
-* :func:`compressed_values` — a layer's input (and skip value) in the compressed network, in one pass
-  that stops right after the layer.
+* :func:`compressed_values` — a layer's input (and skip value) in the compressed network, in a pass that
+  resumes where an earlier pass on the same upstream layers stopped, and stops right after the layer.
 
 Rows are ordered (sample, position) as :func:`prunekit.compensate.reconstruct` builds its patches.
 """
@@ -23,6 +23,7 @@ from torch import fx, nn
 from ..runtime import call, capture, eval_mode
 from .calibration import batches, module_inputs, n_inputs
 from .layers import is_linear
+from .passes import ResumablePasses
 from .residual import Skip, module_nodes, node_values
 
 
@@ -110,16 +111,18 @@ class Targets:
         return self.rows[name][b], (self.skip_rows[name][b] if name in self.skip_rows else None)
 
 
-def compressed_values(compressed: nn.Module, name: str, skip: Skip | None, fx_graph: fx.Graph | None,
-                      xb: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Layer ``name``'s input in ``compressed`` on batch ``xb``, and the value of its skip branch (one pass,
-    stopped right after what is needed)."""
-    if skip is None or fx_graph is None:
+def compressed_values(compressed: nn.Module, name: str, skip: Skip | None, passes: ResumablePasses | None,
+                      b: int, xb: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Layer ``name``'s input in ``compressed`` on calibration batch ``b`` (``xb``), and the value of its skip
+    branch: on the trace, resumed where an earlier pass stopped (:mod:`.passes`), else by hooks (one pass
+    from the input, stopped right after the layer)."""
+    node = passes.first_call.get(name) if passes is not None else None
+    source = node.args[0] if node is not None and node.args else None
+    if not isinstance(source, fx.Node):
         return module_inputs(compressed, [name], xb)[name], None
-    node = module_nodes(fx_graph)[name]
-    source = node.args[0]
-    values = node_values(compressed, fx_graph, {source.name, skip.partner}, xb)
-    return values[source.name], values[skip.partner]
+    wanted = {source.name} | ({skip.partner} if skip is not None else set())
+    values = passes.values(compressed, wanted, b, xb)
+    return values[source.name], (values[skip.partner] if skip is not None else None)
 
 
 Correction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
