@@ -17,9 +17,8 @@ from torch import nn
 from ..errors import ConfigError
 from .calibration import batches
 from .layers import is_linear, weight_oi
-from .passes import ResumablePasses
 from .residual import Skip, output_scale
-from .targets import Targets, compressed_values, output_rows
+from .targets import Passes, Targets, compressed_values, output_rows
 
 __all__ = ["Consumer", "Normal", "check_gram_size", "conv_groups", "patches", "solve", "statistics", "supported"]
 
@@ -191,7 +190,7 @@ def _check_finite(t: torch.Tensor, name: str, what: str) -> None:
 
 
 def statistics(targets: Targets, compressed: nn.Module, c: Consumer, n_train: int, skip: Skip | None = None,
-                passes: ResumablePasses | None = None) -> tuple[list[Normal], list[Normal]]:
+                passes: Passes | None = None) -> tuple[list[Normal], list[Normal]]:
     """(train, held-out) normal equations per conv group of consumer ``c``: its input in ``compressed`` against
     its original output (:class:`~prunekit.compensate.targets.Targets`), plus, with a ``skip``, the skip
     branch's drift mapped into its output space (:mod:`.residual`)."""

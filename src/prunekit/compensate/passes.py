@@ -14,26 +14,29 @@ in-place op of the model (``relu_``, ``+=``) cannot alter a saved cut.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
 from ..runtime import as_inputs
 
-__all__ = ["ResumablePasses", "placeholders", "run_until"]
+if TYPE_CHECKING:
+    from .residual import Skip
+
+__all__ = ["Cut", "CutStore", "ResumablePasses", "digest", "nbytes", "placeholders", "run_until"]
 
 
-def _digest(obj: Any) -> bytes:
-    """blake2b of a module's parameters and buffers (names, dtypes, shapes, bytes), of a tensor, or of any
-    other attribute's ``repr``."""
+def digest(obj: Any, recurse: bool = True) -> bytes:
+    """blake2b of a module's parameters and buffers (names, dtypes, shapes, bytes; with ``recurse=False`` its
+    own only, not its submodules'), of a tensor, or of any other attribute's ``repr``."""
     h = hashlib.blake2b(digest_size=16)
     if isinstance(obj, torch.Tensor):
         items = [("", obj)]
     elif isinstance(obj, nn.Module):
-        items = list(obj.state_dict(keep_vars=True).items())
+        items = [*obj.named_parameters(recurse=recurse), *obj.named_buffers(recurse=recurse)]
     else:
         h.update(repr(obj).encode())
         return h.digest()
@@ -77,17 +80,75 @@ def run_until(interpreter: fx.Interpreter, nodes: list[fx.Node], start: int, env
 
 
 @dataclass
-class _Cut:
-    """The live values after node ``stop``, per batch, and the digests of everything they depend on."""
+class Cut:
+    """What a pass had computed when it stopped at ``stop`` (per batch: ``envs[b]``), and the digests of
+    everything it depends on."""
 
     stop: int
     digests: dict[str, bytes]
-    envs: dict[int, dict[fx.Node, Any]] = field(default_factory=dict)
+    envs: dict[int, Any] = field(default_factory=dict)
     nbytes: int = 0
 
 
-def _nbytes(env: dict[fx.Node, Any]) -> int:
-    return sum(v.numel() * v.element_size() for v in env.values() if isinstance(v, torch.Tensor))
+def nbytes(values: Any) -> int:
+    """Bytes of the tensors in ``values`` (a tensor, or a dict / tuple / list of them, nested)."""
+    if isinstance(values, torch.Tensor):
+        return values.numel() * values.element_size()
+    if isinstance(values, dict):
+        values = list(values.values())
+    return sum(nbytes(v) for v in values) if isinstance(values, (list, tuple)) else 0
+
+
+class CutStore:
+    """Saved cuts of the networks passed to :meth:`bind` one after another, at most ``max_bytes`` of them
+    (the oldest dropped first), and the digests of the bound network's modules (``digest_of``)."""
+
+    def __init__(self, max_bytes: int, fetch: Callable[[nn.Module, str], bytes]):
+        self.max_bytes, self.fetch = max_bytes, fetch
+        self.cuts: list[Cut] = []
+        self.model: nn.Module | None = None
+        self._digests: dict[str, bytes] = {}
+        self._recording: Cut | None = None
+
+    def bind(self, model: nn.Module) -> bool:
+        """Make ``model`` the current network; True when it was not already."""
+        if model is self.model:
+            return False
+        self.model, self._digests, self._recording = model, {}, None
+        return True
+
+    def digest_of(self, name: str) -> bytes:
+        if name not in self._digests:
+            self._digests[name] = self.fetch(self.model, name)
+        return self._digests[name]
+
+    def best(self, b: int, fits: Callable[[Cut], bool]) -> Cut | None:
+        """The most advanced cut that has batch ``b``, passes ``fits`` and whose digests match the network."""
+        for cut in sorted(self.cuts, key=lambda c: -c.stop):
+            if b in cut.envs and fits(cut) and all(self.digest_of(n) == d for n, d in cut.digests.items()):
+                return cut
+        return None
+
+    def save(self, stop: int, deps: Iterable[str], b: int, values: Any, size: Any = None) -> None:
+        """Keep ``values`` as batch ``b`` of the current network's cut at ``stop`` (depending on ``deps``);
+        what counts against ``max_bytes``: the tensors in ``size`` (default: in ``values``)."""
+        if self.max_bytes <= 0:
+            return
+        rec = self._recording
+        if rec is None or rec.stop != stop:
+            digests = {name: self.digest_of(name) for name in sorted(deps)}
+            rec = next((c for c in self.cuts if c.stop == stop and c.digests == digests), None)
+            if rec is None:
+                rec = Cut(stop, digests)
+                self.cuts.append(rec)
+            self._recording = rec
+        if b in rec.envs:
+            return
+        rec.envs[b] = values
+        rec.nbytes += nbytes(values if size is None else size)
+        while sum(c.nbytes for c in self.cuts) > self.max_bytes and self.cuts:
+            if self.cuts.pop(0) is rec:
+                self._recording = None
 
 
 class ResumablePasses:
@@ -99,7 +160,7 @@ class ResumablePasses:
     """
 
     def __init__(self, graph: fx.Graph, max_bytes: int):
-        self.graph, self.max_bytes = graph, max_bytes
+        self.graph = graph
         self.nodes = list(graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
@@ -111,34 +172,29 @@ class ResumablePasses:
         for n in self.nodes:  # the modules and attributes every node's value depends on
             own = {str(n.target)} if n.op in ("call_module", "get_attr") else set()
             self.upstream[n] = frozenset(own.union(*(self.upstream[a] for a in n._input_nodes)))
-        self.cuts: list[_Cut] = []
-        self._model: nn.Module | None = None
+        self.store = CutStore(max_bytes, lambda model, name: digest(self._interpreter.fetch_attr(name)))
         self._interpreter: fx.Interpreter | None = None
-        self._digests: dict[str, bytes] = {}
-        self._recording: _Cut | None = None
         self.nodes_run = 0  # evaluated nodes, all passes together (for tests and profiling)
 
-    def _bind(self, model: nn.Module) -> None:
-        if model is not self._model:
-            self._model, self._digests, self._recording = model, {}, None
-            self._interpreter = fx.Interpreter(model, graph=self.graph)
-
-    def _digest_of(self, name: str) -> bytes:
-        if name not in self._digests:
-            self._digests[name] = _digest(self._interpreter.fetch_attr(name))
-        return self._digests[name]
-
-    def _usable(self, cut: _Cut, b: int, wanted: set[fx.Node]) -> bool:
-        env = cut.envs.get(b)
-        return env is not None and all(w in env or self.index[w] > cut.stop for w in wanted) \
-            and all(self._digest_of(name) == d for name, d in cut.digests.items())
+    def inputs(self, model: nn.Module, name: str, skip: Skip | None, b: int, xb: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Module ``name``'s input in ``model`` on batch ``b`` and the value of its skip branch; None when the
+        trace does not show the input as a node."""
+        node = self.first_call.get(name)
+        source = node.args[0] if node is not None and node.args else None
+        if not isinstance(source, fx.Node):
+            return None
+        wanted = {source.name} | ({skip.partner} if skip is not None else set())
+        values = self.values(model, wanted, b, xb)
+        return values[source.name], (values[skip.partner] if skip is not None else None)
 
     def values(self, model: nn.Module, names: set[str], b: int, inputs: Any) -> dict[str, torch.Tensor]:
         """Values of the fx nodes ``names`` in ``model`` on calibration batch ``b`` (always the same ``inputs``
         for the same ``b``), resumed from the most advanced usable cut."""
-        self._bind(model)
+        if self.store.bind(model):
+            self._interpreter = fx.Interpreter(model, graph=self.graph)
         wanted = {self.by_name[n] for n in names}
-        cut = next((c for c in sorted(self.cuts, key=lambda c: -c.stop) if self._usable(c, b, wanted)), None)
+        cut = self.store.best(b, lambda c: all(w in c.envs[b] or self.index[w] > c.stop for w in wanted))
         env = {} if cut is None else {n: v.clone() if isinstance(v, torch.Tensor) else v
                                       for n, v in cut.envs[b].items()}
         start = 0 if cut is None else cut.stop + 1
@@ -148,27 +204,5 @@ class ResumablePasses:
         self.nodes_run += stop - start + 1
         out = {w.name: env[w].detach() if isinstance(env[w], torch.Tensor) else env[w] for w in wanted}
         if stop >= start:
-            self._save(stop, b, env)
+            self.store.save(stop, frozenset().union(*(self.upstream[n] for n in env)), b, dict(env))
         return out
-
-    def _save(self, stop: int, b: int, env: dict[fx.Node, Any]) -> None:
-        """Keep ``env`` (the live values after node ``stop``) as batch ``b`` of this network's cut there."""
-        if self.max_bytes <= 0:
-            return
-        rec = self._recording
-        if rec is None or rec.stop != stop:
-            deps = frozenset().union(*(self.upstream[n] for n in env))
-            digests = {name: self._digest_of(name) for name in sorted(deps)}
-            rec = next((c for c in self.cuts if c.stop == stop and c.digests == digests), None)
-            if rec is None:
-                rec = _Cut(stop, digests)
-                self.cuts.append(rec)
-            self._recording = rec
-        if b in rec.envs:
-            return
-        rec.envs[b] = dict(env)
-        rec.nbytes += _nbytes(env)
-        while sum(c.nbytes for c in self.cuts) > self.max_bytes and self.cuts:
-            dropped = self.cuts.pop(0)
-            if dropped is rec:
-                self._recording = None

@@ -43,6 +43,7 @@ from ..errors import ConfigError
 from ..runtime import eval_mode
 from .allocate import Pool, allocate
 from .batchnorm import batchnorm_refits
+from .block_passes import BlockPasses, find_chains
 from .calibration import calibration_inputs, call_order, output_positions, take
 from .constants import followers
 from .greedy import select_channels
@@ -91,7 +92,9 @@ class ReconstructOptions:
             seeded random subset, the same for every batch; None: all) — the rows are many more than the
             unknowns anyway, and the statistics cost is linear in them.
         max_cache_bytes: the original network's target rows of every layer are gathered in one pass and kept
-            when they fit in this many bytes; otherwise recomputed per layer (one original pass each).
+            when they fit in this many bytes; otherwise recomputed per layer (one original pass each). The
+            values the compressed network's passes keep to resume from (:mod:`.passes`, :mod:`.block_passes`)
+            stay below it too (0: every pass from the input).
         bn_recalibrate: after the refits, re-estimate every BatchNorm's statistics on the calibration inputs
             (:mod:`.batchnorm`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
@@ -309,7 +312,7 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
 
 def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: Targets, compressed: nn.Module,
                       n_train: int, options: ReconstructOptions, skips: dict[str, Skip],
-                      passes: ResumablePasses | None) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
+                      passes: ResumablePasses | BlockPasses | None) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
     """Per consumer of group ``gid``: (the consumer over all its inputs, its channel blocks, its train and
     held-out statistics with ``compressed`` as the network it reads from)."""
     g = graph.groups[gid]
@@ -327,7 +330,8 @@ def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
                    options: ReconstructOptions, intercept: bool, n_train: int, skips: dict[str, Skip],
-                   passes: ResumablePasses | None) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
+                   passes: ResumablePasses | BlockPasses | None
+                   ) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
     from the network in which every earlier decision is applied and ``gid`` is whole.
 
@@ -370,8 +374,8 @@ def _writes_into_stream(graph: ChannelGraph, name: str) -> bool:
     return len({reads(w) for w in writers}) > 1
 
 
-def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions
-                   ) -> tuple[Plan, dict[str, Any]]:
+def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions,
+                   passes: ResumablePasses | BlockPasses | None) -> tuple[Plan, dict[str, Any]]:
     """The plan with the survivors of every selectable pruned group re-chosen together (:mod:`.allocate`) from
     the unpruned network's statistics, the MACs (or parameters) they remove kept; and a summary for the report."""
     pool_ids = [gp.group_id for gp in plan.groups
@@ -395,7 +399,7 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
         g = graph.groups[gid]
         stats = []
         for c, blocks, (train,), _ in _group_statistics(model, graph, gid, targets, model, options.calibration,
-                                                        options, {}, None):
+                                                        options, {}, passes):
             if c.name in follow:  # errors in the units after the BatchNorm: (γ/σ)² per output
                 bn = model.get_submodule(follow[c.name])
                 scale = (bn.running_var.double() + bn.eps).reciprocal()
@@ -415,6 +419,20 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
                "kept": {str(gid): len(keep[gid]) for gid in pools},
                "planned": {str(gid): len(plan.group(gid).keep) for gid in pools}}
     return Plan(groups=groups, meta=dict(plan.meta), refits=list(plan.refits)), summary
+
+
+def _passes(model: nn.Module, probe: Any, options: ReconstructOptions
+            ) -> tuple[dict[str, Skip], Any, ResumablePasses | BlockPasses | None]:
+    """(residual skips, the fx trace, what resumes the compressed network's passes): on the trace when the
+    model traces, else from its chains of blocks (transformers), else nothing (every pass from the input)."""
+    with eval_mode(model):
+        skips, fx_graph = find_skips(model, probe)
+        if fx_graph is not None:
+            passes = ResumablePasses(fx_graph, options.max_cache_bytes)
+        else:
+            chains = find_chains(model, probe)
+            passes = BlockPasses(chains, options.max_cache_bytes) if chains else None
+    return (skips if options.residual else {}), fx_graph, passes
 
 
 def _restrict(stats: Normal, inputs: np.ndarray, k: int) -> Normal:
@@ -443,16 +461,13 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
     inputs = calibration_inputs(data, options.calibration, options.seed)
     n_total = options.calibration
     allocation: dict[str, Any] = {}
+    skips, fx_graph, passes = _passes(model, take(inputs, slice(0, 1)), options)
     if options.select == "global":
-        plan, allocation = _select_global(model, graph, plan, inputs, options)
+        plan, allocation = _select_global(model, graph, plan, inputs, options, passes)
     with eval_mode(model):
         order = call_order(model, take(inputs, slice(0, 1)))
     todo, reports = _layers_to_refit(model, graph, keep_masks(graph, plan).masks, order, options.layers)
     follow = followers(model) if options.intercept else {}
-    with eval_mode(model):
-        skips, fx_graph = find_skips(model, take(inputs, slice(0, 1)))
-    skips = skips if options.residual else {}
-    passes = ResumablePasses(fx_graph, options.max_cache_bytes) if fx_graph is not None else None
     targets = Targets(model, todo, inputs, options.batch_size, options.positions, options.seed, skips, fx_graph,
                       options.max_cache_bytes)
     n_train, cached = _n_train(options, n_total), {}

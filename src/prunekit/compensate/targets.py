@@ -21,6 +21,7 @@ import torch
 from torch import fx, nn
 
 from ..runtime import call, capture, eval_mode
+from .block_passes import BlockPasses
 from .calibration import batches, module_inputs, n_inputs
 from .layers import is_linear
 from .passes import ResumablePasses
@@ -111,18 +112,16 @@ class Targets:
         return self.rows[name][b], (self.skip_rows[name][b] if name in self.skip_rows else None)
 
 
-def compressed_values(compressed: nn.Module, name: str, skip: Skip | None, passes: ResumablePasses | None,
+def compressed_values(compressed: nn.Module, name: str, skip: Skip | None, passes: Passes | None,
                       b: int, xb: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Layer ``name``'s input in ``compressed`` on calibration batch ``b`` (``xb``), and the value of its skip
-    branch: on the trace, resumed where an earlier pass stopped (:mod:`.passes`), else by hooks (one pass
-    from the input, stopped right after the layer)."""
-    node = passes.first_call.get(name) if passes is not None else None
-    source = node.args[0] if node is not None and node.args else None
-    if not isinstance(source, fx.Node):
-        return module_inputs(compressed, [name], xb)[name], None
-    wanted = {source.name} | ({skip.partner} if skip is not None else set())
-    values = passes.values(compressed, wanted, b, xb)
-    return values[source.name], (values[skip.partner] if skip is not None else None)
+    branch: resumed where an earlier pass stopped (``passes``: :mod:`.passes`, :mod:`.block_passes`), else by
+    hooks (one pass from the input, stopped right after the layer)."""
+    got = passes.inputs(compressed, name, skip, b, xb) if passes is not None else None
+    return got if got is not None else (module_inputs(compressed, [name], xb)[name], None)
 
+
+#: what resumes the compressed network's passes: on a torch.fx trace, or from a chain of blocks
+Passes = ResumablePasses | BlockPasses
 
 Correction = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
