@@ -12,13 +12,13 @@ from torch import nn
 
 pytest.importorskip("transformers")
 
-from hf_models import HEAD_AND_MLP, build  # noqa: E402
+from hf_models import HEAD_AND_MLP, build
 
-import prunekit.compensate.reconstruct as reconstruct_module  # noqa: E402
-from prunekit.compensate import ReconstructOptions, reconstruct_plan  # noqa: E402
-from prunekit.compensate.block_passes import BlockPasses, find_chains  # noqa: E402
-from prunekit.compensate.calibration import module_inputs  # noqa: E402
-from prunekit.engine import ChannelGraph, apply, make_plan  # noqa: E402
+import prunekit.compensate.reconstruct as reconstruct_module
+from prunekit.compensate import ReconstructOptions, reconstruct_plan
+from prunekit.compensate.block_passes import BlockPasses, find_chains
+from prunekit.compensate.calibration import module_inputs
+from prunekit.engine import ChannelGraph, make_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

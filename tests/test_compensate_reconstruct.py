@@ -3,6 +3,7 @@ channels are redundant, intercepts into a bias or the following BatchNorm, group
 dict inputs, bad input, save → reload, and the ``reconstruct`` method / CLI (synthetic data only)."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -100,6 +101,34 @@ def test_unpadded_conv_with_constant_channel_is_exact():
     fitted, _ = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=100, ridge=0.0))
     with torch.no_grad():
         assert rel_error(apply(net, graph, fitted)(x), net(x)) < 1e-6
+
+
+@pytest.mark.parametrize("one_d", [False, True])
+def test_transposed_conv_consumer_is_refit_exactly_and_reloads(tmp_path, one_d):
+    """A strided, padded ConvTranspose reading two scaled copies: the refit (its equivalent stride-1 conv,
+    flipped kernel) absorbs them exactly, and the compensated model reloads bit-exactly."""
+    from prunekit.io import load_model, save_model
+
+    torch.manual_seed(0)
+    conv, convt = (nn.Conv1d, nn.ConvTranspose1d) if one_d else (nn.Conv2d, nn.ConvTranspose2d)
+    net = nn.Sequential(conv(2, 6, 3, padding=1), nn.ReLU(),
+                        convt(6, 3, 3, stride=2, padding=1, output_padding=1)).eval()
+    with torch.no_grad():
+        net[0].weight[4], net[0].bias[4] = 0.5 * net[0].weight[1], 0.5 * net[0].bias[1]
+        net[0].weight[5], net[0].bias[5] = 3 * net[0].weight[0], 3 * net[0].bias[0]
+    x = torch.randn(60, 2, *((9,) if one_d else (5, 6)), generator=torch.Generator().manual_seed(5))
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=[0, 1, 2, 3], size=6)])
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=60, ridge=0.0,
+                                                                              positions=None))
+    assert rep["module"] == "2" and rep["action"] == "refit" and rep["rel_error"] < 1e-10
+    with torch.no_grad():
+        small = apply(net, graph, fitted)
+        assert small[2].weight.shape[0] == 4 and rel_error(small(x), net(x)) < 1e-6
+        assert rel_error(apply(net, graph, plan)(x), net(x)) > 0.05
+    save_model(tmp_path / "m", small)
+    again, _ = load_model(tmp_path / "m", model=copy.deepcopy(net))
+    assert torch.equal(again(x), small(x))
 
 
 def test_depthwise_and_grouped_consumers_are_refit_per_conv_group():
@@ -332,20 +361,29 @@ def test_batchnorm_re_estimation_matches_the_pruned_networks_statistics():
 
 @pytest.mark.parametrize("conv", [nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0),
                                                                            dilation=(1, 2)),
-                                  nn.Conv1d(3, 4, 5, stride=2, padding=2)])
+                                  nn.Conv1d(3, 4, 5, stride=2, padding=2),
+                                  nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1, output_padding=1),
+                                  nn.ConvTranspose2d(3, 4, (4, 3), stride=(3, 2), padding=(2, 0), dilation=(1, 2),
+                                                     output_padding=(2, 1)),
+                                  nn.ConvTranspose2d(3, 4, 2, padding=3),  # padding beyond the kernel: a crop
+                                  nn.ConvTranspose1d(3, 4, 5, stride=2, padding=1, output_padding=1)])
 def test_sampled_patches_are_the_unfolded_rows_at_those_positions(conv):
+    """Patches at sampled positions are rows of the full patches, and patches × weight_oi are the layer's own
+    output — for transposed convolutions too (the stride-1 conv they equal)."""
+    from prunekit.compensate.layers import to_module_layout, weight_oi
     from prunekit.compensate.normal_equations import patches as _patches
     from prunekit.compensate.targets import output_rows as _outputs
 
-    x = torch.randn(2, 3, 9, 8) if isinstance(conv, nn.Conv2d) else torch.randn(2, 3, 11)
+    x = torch.randn(2, 3, 9, 8) if isinstance(conv, (nn.Conv2d, nn.ConvTranspose2d)) else torch.randn(2, 3, 11)
     y = conv(x).detach()
     n_pos = y[0, 0].numel()
     pos = torch.tensor([0, 3, n_pos - 1])
     full_u, full_y = _patches(conv, x), _outputs(conv, y)
     rows = (torch.arange(2)[:, None] * n_pos + pos[None, :]).reshape(-1)
     assert torch.equal(_patches(conv, x, pos), full_u[rows]) and torch.equal(_outputs(conv, y, pos), full_y[rows])
-    w = conv.weight.detach().reshape(4, -1)
+    w = weight_oi(conv).reshape(4, -1)
     assert torch.allclose(full_u @ w.t() + conv.bias.detach(), full_y, atol=1e-5)  # rows really are the conv
+    assert torch.equal(to_module_layout(conv, weight_oi(conv)), conv.weight.detach())
 
 
 def test_downstream_weights_are_the_next_layers_squared_column_norms():

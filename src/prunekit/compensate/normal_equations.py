@@ -3,7 +3,9 @@ normal equations ``[U|1]ᵀ[U|1]`` / ``[U|1]ᵀY`` against its original output, 
 
 Used by :mod:`.reconstruct` (the refits) and its survivor selection. Rows run over samples and output
 positions (a conv: all, or a seeded sample of ``positions``); columns over the kept inputs × kernel taps,
-ordered as the weight's ``(I, *kernel)``, with a constant column last.
+ordered as the weight's ``(I, *kernel)``, with a constant column last. A transposed convolution is the
+stride-1 convolution it equals on its zero-dilated, padded input, with the flipped kernel
+(:func:`~.layers.weight_oi`): exact for any stride, padding, dilation and output padding (one group).
 """
 from __future__ import annotations
 
@@ -32,21 +34,43 @@ def supported(module: nn.Module) -> str | None:
     """None when ``module`` can be refit; else why not."""
     if is_linear(module):
         return None
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and not module.transposed:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.ConvTranspose1d, nn.ConvTranspose2d)):
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
+        if module.transposed and module.groups != 1:
+            return f"grouped {type(module).__name__} is not refit"
         return None
-    return f"{type(module).__name__} is not refit (Linear, transformers' Conv1D and Conv1d/2d are)"
+    return (f"{type(module).__name__} is not refit (Linear, transformers' Conv1D, Conv1d/2d and "
+            "ConvTranspose1d/2d are)")
+
+
+def _one_d(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Conv1d, nn.ConvTranspose1d))
 
 
 def _conv_geometry(module: nn.Module) -> tuple[tuple[int, int], ...]:
-    """(kernel, dilation, padding, stride) of a Conv1d/2d as 2-d tuples (Conv1d: height 1)."""
-    if isinstance(module, nn.Conv1d):
+    """(kernel, dilation, padding, stride) of a (transposed) Conv1d/2d as 2-d tuples (1-d: height 1)."""
+    if _one_d(module):
         return ((1, *module.kernel_size), (1, *module.dilation), (0, *module.padding), (1, *module.stride))
     if isinstance(module.padding, str):
         raise ConfigError(f"padding={module.padding!r} is not supported by the reconstruction (give explicit "
                           "padding)")
     return module.kernel_size, module.dilation, module.padding, module.stride
+
+
+def _as_conv_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A transposed conv's input (B, I, H, W) as the input of the stride-1 convolution it equals: s − 1 zeros
+    between neighbours (stride s), then d·(k − 1) − p zeros on each side (a crop where negative) and the
+    output padding after. With :func:`~.layers.weight_oi`'s flipped kernel, conv(that) == conv_transpose(x)."""
+    k, d, p, s = _conv_geometry(module)
+    op = (0, *module.output_padding) if _one_d(module) else tuple(module.output_padding)
+    b, i, h, w = x.shape
+    if s != (1, 1):
+        spread = x.new_zeros(b, i, (h - 1) * s[0] + 1, (w - 1) * s[1] + 1)
+        spread[:, :, ::s[0], ::s[1]] = x
+        x = spread
+    edge = [d[j] * (k[j] - 1) - p[j] for j in (0, 1)]
+    return F.pad(x, (edge[1], edge[1] + op[1], edge[0], edge[0] + op[0]))
 
 
 def patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,8 +79,10 @@ def patches(module: nn.Module, x: torch.Tensor, positions: torch.Tensor | None =
     ordered as the weight's ``(I, *kernel)``."""
     if is_linear(module):
         return x.reshape(-1, x.shape[-1])
-    x = x.unsqueeze(2) if isinstance(module, nn.Conv1d) else x
+    x = x.unsqueeze(2) if _one_d(module) else x
     k, d, p, s = _conv_geometry(module)
+    if module.transposed:
+        x, p, s = _as_conv_input(module, x), (0, 0), (1, 1)
     if positions is None:
         u = F.unfold(x, k, dilation=d, padding=p, stride=s)  # (B, I·k, L)
         return u.transpose(1, 2).reshape(-1, u.shape[1])

@@ -14,8 +14,8 @@ training images for the data-light ones:
   in the targets); ``reconstruct`` = the method's defaults (those two, and every later layer refit:
   kept producers, classifier); ``reconstruct+bn`` then re-estimates the BatchNorm statistics;
 * ``torch-pruning`` — Torch-Pruning's magnitude pruning (L2) of the same layers to the same widths, then 0,
-  1, 2 and 3 epochs of fine-tuning at ratio 0.5 (``polarization-fmnist-finetune``, cosine over 3 epochs,
-  all 60,000 labelled images): how many epochs of training compensation saves. Skipped with a note when
+  1, 2 and 3 epochs of fine-tuning at ratio 0.5, each a schedule of its own (``polarization-fmnist-finetune``:
+  cosine to zero over k epochs, all 60,000 labelled images): how many epochs of training compensation saves. Skipped with a note when
   ``torch-pruning`` is not installed.
 
 ``compensation-vgg16-fmnist`` runs the same rows on the quarter-width VGG-16 of ``bench/nm_convnets.py``
@@ -29,6 +29,7 @@ to skip), ``finetune`` (epochs, 0 to skip), ``finetune_ratios``, ``test_size``.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
@@ -227,14 +228,14 @@ def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options,
     seconds = time.perf_counter() - start
     rows = [_row("torch-pruning", ratio, small, base, evaluate(small, loader)["accuracy"], seconds,
                  finetune_epochs=0)]
-    if finetune:
-        recipe = get_recipe("polarization-fmnist-finetune").replace(epochs=finetune)
-        res = train(small, get_dataset("fashion-mnist", "train", root=options.data_root, download=False), test_set,
-                    recipe, out_dir=out / f"torch-pruning-ft-r{ratio}", seed=options.seed, resume=True,
-                    device=options.device, progress=options.progress)
-        for h in res.history:
-            rows.append(_row("torch-pruning", ratio, res.model, base, h["accuracy"], seconds,
-                             finetune_epochs=h["epoch"] + 1))
+    train_set = get_dataset("fashion-mnist", "train", root=options.data_root, download=False) if finetune else None
+    for epochs in range(1, finetune + 1):  # each budget its own schedule: cosine to zero over k epochs
+        recipe = get_recipe("polarization-fmnist-finetune").replace(epochs=epochs)
+        res = train(copy.deepcopy(small), train_set, test_set, recipe, seed=options.seed, resume=True,
+                    out_dir=out / f"torch-pruning-ft-r{ratio}-e{epochs}", device=options.device,
+                    progress=options.progress)
+        rows.append(_row("torch-pruning", ratio, res.model, base, res.history[-1]["accuracy"], seconds,
+                         finetune_epochs=epochs))
     for r in rows:
         stderr_log(f"torch-pruning r={ratio} +{r['finetune_epochs']} ep: {r['accuracy']:.2f} %")
     return rows
