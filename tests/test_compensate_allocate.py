@@ -109,6 +109,37 @@ def test_allocation_stays_within_half_a_channel_of_the_budget_and_keeps_forced_c
     assert all(keep[gid] == sorted(keep[gid]) and len(set(keep[gid])) == len(keep[gid]) for gid in keep)
 
 
+@settings(max_examples=25, deadline=None)
+@given(sizes=st.lists(st.integers(2, 12), min_size=1, max_size=4), multiple=st.integers(1, 5),
+       frac=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
+def test_allocation_in_multiples_keeps_multiples_and_stays_within_half_a_move(sizes, multiple, frac, seed):
+    """``multiple`` r: every group keeps a multiple of r channels or all N (never 0), forced channels stay,
+    the total removed is within half the largest move of the budget unless the groups run out of moves;
+    r = 1 is the channel-by-channel allocation."""
+    g = torch.Generator().manual_seed(seed)
+    pools = {}
+    for gid, n in enumerate(sizes):
+        u = torch.randn(40, n, generator=g, dtype=torch.float64)
+        u = torch.cat([u, torch.ones(40, 1, dtype=torch.float64)], 1)
+        y = torch.randn(40, 2, generator=g, dtype=torch.float64)
+        pools[gid] = Pool([(u.t() @ u, u.t() @ y, torch.arange(n)[:, None])], torch.ones(n, dtype=torch.float64),
+                          forced=[1] if gid == 0 else [], multiple=multiple)
+    total = float(sum(sizes))
+    keep = allocate(pools, frac * total)
+    for gid, n in enumerate(sizes):
+        k = len(keep[gid])
+        assert k == n or (k % multiple == 0 and k >= multiple)
+    assert 1 in keep[0]
+    removed = total - sum(len(k) for k in keep.values())
+    assert removed <= frac * total + multiple / 2 + 1e-9
+    # the fewest channels each group can keep in multiples (≥ 1 when the forced one stays)
+    floor = sum(n if n <= multiple else multiple for n in sizes)
+    if frac * total <= total - floor - 2 * multiple:
+        assert removed >= frac * total - multiple / 2 - 1e-9
+    if multiple == 1:
+        assert keep == allocate({gid: Pool(p.stats, p.price, p.forced) for gid, p in pools.items()}, frac * total)
+
+
 def test_greedy_chooses_whole_heads_from_the_data():
     """Llama layer 0: kv group 0's heads write nothing (zero o_proj columns) yet have the largest weights —
     the l1-norm keeps them; greedy selection over the heads' o_proj columns keeps the other group."""
@@ -148,11 +179,11 @@ def test_reconstruct_method_in_global_scope_reallocates_and_reports_it():
     local = get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, calibration_data=x,
                                                                 method_options={"calibration": 400}))
     assert local.details["select"] == "greedy" and local.details["allocation"] is None
-    from prunekit.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="round_to=4 is not honoured by the global allocation"):
-        get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.3, scope="global", round_to=4,
-                                                           calibration_data=x, method_options={"calibration": 400}))
+    rounded = get_method("reconstruct")(net, x[:1], PruneOptions(ratio=0.5, scope="global", round_to=2,
+                                                                  calibration_data=x,
+                                                                  method_options={"calibration": 400}))
+    assert rounded.details["select"] == "global" and rounded.details["allocation"]["groups"] == 2
+    assert {rounded.model[0].out_features % 2, rounded.model[2].out_features % 2} == {0}  # multiples of 2
 
 
 def test_channel_prices_in_macs_count_each_weight_once_per_output_position():

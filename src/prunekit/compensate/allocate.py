@@ -15,6 +15,10 @@ go on: a large head group does not stop the small MLP neurons from filling the r
 stream (every output and down projection of a pre-norm transformer adds into the residual stream; the
 second conv of every residual block into its stage). The statistics come from the unpruned network, so
 this decides *how many and which* channels each group keeps; the sequential refits come after.
+
+A group with a ``multiple`` r > 1 keeps a multiple of r channels (or all N; hardware-friendly widths): it
+loses channels in moves of r (the first one N mod r), priced by the sum of its r cheapest channels' costs
+over their prices, then removed one by one, the cheapest each time (exact downdates in between).
 """
 from __future__ import annotations
 
@@ -65,6 +69,15 @@ class Pool:
     price: torch.Tensor  # (N,) float64
     forced: list[int] = field(default_factory=list)
     min_keep: int = 1
+    multiple: int = 1  # the kept width is a multiple of it (or the whole group)
+
+
+def move_size(alive: int, multiple: int) -> int:
+    """Channels the next move of a group with ``alive`` channels removes: 1, or down to the next lower
+    multiple of ``multiple`` (0: it cannot go lower without keeping no channel)."""
+    if multiple <= 1:
+        return 1
+    return 0 if alive <= multiple else alive - multiple * ((alive - 1) // multiple)
 
 
 class FixedPrices:
@@ -109,12 +122,14 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4, prices:
 
     def refresh_best(g: int) -> None:
         best.pop(g, None)
-        if g in full or not torch.isfinite(error[g]).any():
+        finite = torch.isfinite(error[g])
+        k = move_size(int(alive[g].sum()), pools[g].multiple)
+        if g in full or k == 0 or int(finite.sum()) < k or int(alive[g].sum()) - k < max(pools[g].min_keep, 1):
             return
         price = prices.of(g, alive)
-        ratio = error[g] / price.clamp_min(1e-12)
-        c = int(torch.argmin(ratio))
-        best[g] = (float(ratio[c]), c, float(price[c]))
+        ratio = torch.where(finite, error[g] / price.clamp_min(1e-12), torch.inf)
+        move = torch.argsort(ratio, stable=True)[:k]
+        best[g] = (float(error[g][move].sum() / price[move].sum().clamp_min(1e-12)), k, float(price[move].sum()))
 
     for g in pools:
         refresh_error(g)
@@ -122,16 +137,19 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4, prices:
     removed = 0.0
     while best:
         g = min(best, key=lambda k: (best[k][0], k))
-        _, c, step = best[g]
+        _, k, step = best[g]
         if removed + step - budget > budget - removed:  # it overshoots more than it helps: the group is done
             full.add(g)
             best.pop(g)
             continue
-        for s in states[g]:
-            s.drop(c)
-        alive[g][c] = False
-        removed += step
-        refresh_error(g)
+        for _ in range(k):  # the cheapest channel now, k times
+            price = prices.of(g, alive)
+            c = int(torch.argmin(error[g] / price.clamp_min(1e-12)))
+            for s in states[g]:
+                s.drop(c)
+            alive[g][c] = False
+            removed += float(price[c])
+            refresh_error(g)
         for h in {g} | (prices.dependents(g) & set(pools)):
             refresh_best(h)
     return {g: torch.nonzero(alive[g]).flatten().tolist() for g in pools}

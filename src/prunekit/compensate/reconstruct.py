@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..engine import ChannelGraph, Plan, Refit, apply
 from ..engine.costs import ChannelPrices
 from ..engine.masks import keep_masks, member_keep
+from ..engine.select import check_round_to
 from ..errors import ConfigError
 from ..runtime import eval_mode
 from .allocate import Pool, allocate
@@ -80,6 +81,8 @@ class ReconstructOptions:
             the pool: the plan's groups that prune something or have a planned ratio above 0).
         budget: what ``select="global"`` keeps constant: ``macs`` (multiply-accumulates per sample: a channel's
             weights times its layers' output positions) or ``params``.
+        round_to: with ``select="global"``, every re-allocated group keeps a multiple of this many channels (or
+            all of them); the other selections keep the plan's widths (which ``make_plan`` rounds already).
         backward: greedy selection goes ``backward · P`` channels past P, then drops as many again, each time
             the one whose removal costs least (forward–backward, OBS-style costs; 0: forward only). Measured at
             0.25: LeNet-300-100 +0.25 pt at 0.7 (mean of 3 seeds), ResNet-20 ±0 at 0.5 and −0.3 at 0.7.
@@ -113,6 +116,7 @@ class ReconstructOptions:
     layers: str = "all"
     select: str = "criterion"
     budget: str = "macs"
+    round_to: int | None = None
     residual: bool = True
     weighted: bool = False
     backward: float = 0.0
@@ -124,6 +128,7 @@ class ReconstructOptions:
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise ConfigError(f"select must be one of {list(SELECTIONS)}, got {self.select!r}")
+        check_round_to(self.round_to)
         if self.budget not in ("macs", "params"):
             raise ConfigError(f"budget must be 'macs' or 'params', got {self.budget!r}")
         if self.layers not in ("consumers", "all"):
@@ -409,7 +414,7 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
             if not _writes_into_stream(graph, c.name):  # a chain: its own units, as a fraction of its output
                 full = full.weighted(torch.full_like(full.energy, 1.0 / max(full.total(), 1e-300)))
             stats.append((full.gram, full.cross, blocks))
-        pools[gid] = Pool(stats, prices.of(gid, whole), forced=sorted(g.blocked))
+        pools[gid] = Pool(stats, prices.of(gid, whole), forced=sorted(g.blocked), multiple=options.round_to or 1)
     budget = prices.removed({gid: plan.group(gid).keep for gid in pool_ids},
                             {gid: graph.groups[gid].size for gid in pool_ids})
     keep = allocate(pools, budget, prices=prices)

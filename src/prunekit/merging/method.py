@@ -33,7 +33,7 @@ from .core import MergeOptions, compensate, merge, select
 _MERGE_KEYS = {"preset", "lam", "bn_scale", "negative", "model_type"}
 _LSTSQ_KEYS = {"calibration", "ridge", "init", "intercept", "calibration_seed", "batch_size"}
 #: every ReconstructOptions field is a method option (``seed`` is ``calibration_seed``)
-_RECONSTRUCT_FIELDS = tuple(f.name for f in fields(ReconstructOptions) if f.name != "seed")
+_RECONSTRUCT_FIELDS = tuple(f.name for f in fields(ReconstructOptions) if f.name not in ("seed", "round_to"))
 _RECONSTRUCT_KEYS = {*_RECONSTRUCT_FIELDS, "calibration_seed"}
 
 
@@ -129,12 +129,7 @@ def _reconstruct_selection(options: PruneOptions, asked: str | None) -> str:
     (the budget spent across groups where the refit loses least) and ``greedy`` (uniform widths) otherwise."""
     if options.criterion == "greedy":
         return "greedy"
-    chosen = asked or ("global" if options.scope == "global" else "greedy")
-    if chosen == "global" and options.round_to:
-        raise ConfigError(f"round_to={options.round_to} is not honoured by the global allocation of "
-                          "'reconstruct' (it picks any width per group): drop round_to, or keep uniform widths "
-                          "with --scope local / --method-option select=greedy")
-    return chosen
+    return asked or ("global" if options.scope == "global" else "greedy")
 
 
 @register_method("reconstruct")
@@ -148,9 +143,9 @@ def reconstruct(model, example_inputs: Any, options: PruneOptions) -> MethodResu
     extra = dict(getattr(options, "method_options", None) or {})
     mo = merge_options(options, method="reconstruct").replace(model_type="prune")
     data = _calibration_data(options, "reconstruct")
-    ro = ReconstructOptions(**{k: extra[k] for k in _RECONSTRUCT_FIELDS if k not in ("select",)
+    ro = ReconstructOptions(**{k: extra[k] for k in _RECONSTRUCT_FIELDS if k != "select"
                                and extra.get(k) is not None},
-                            select=_reconstruct_selection(options, extra.get("select")),
+                            select=_reconstruct_selection(options, extra.get("select")), round_to=options.round_to,
                             seed=int(extra.get("calibration_seed") or 0))
     graph = ChannelGraph.build(model, example_inputs, ignored=list(mo.ignored or ()) or None)
     planned = select(model, graph, mo)
