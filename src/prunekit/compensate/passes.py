@@ -123,10 +123,17 @@ class CutStore:
         return self._digests[name]
 
     def best(self, b: int, fits: Callable[[Cut], bool]) -> Cut | None:
-        """The most advanced cut that has batch ``b``, passes ``fits`` and whose digests match the network."""
+        """The most advanced cut that has batch ``b``, passes ``fits`` and whose digests match the network.
+        Cuts whose digests do not match are dropped: the networks only move on (refits, re-selections), so
+        a module that changed does not change back."""
         for cut in sorted(self.cuts, key=lambda c: -c.stop):
-            if b in cut.envs and fits(cut) and all(self.digest_of(n) == d for n, d in cut.digests.items()):
+            if b not in cut.envs or not fits(cut):
+                continue
+            if all(self.digest_of(n) == d for n, d in cut.digests.items()):
                 return cut
+            self.cuts.remove(cut)
+            if cut is self._recording:
+                self._recording = None
         return None
 
     def save(self, stop: int, deps: Iterable[str], b: int, values: Any, size: Any = None) -> None:
