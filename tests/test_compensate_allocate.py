@@ -53,6 +53,26 @@ def test_obs_block_costs_and_downdates_equal_brute_force_refits(n, k, o, seed):
         torch.testing.assert_close(state.w[cols], w, rtol=1e-6, atol=1e-8)
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(3, 6), k=st.integers(1, 3), seed=st.integers(0, 10_000))
+def test_dropping_a_set_at_once_equals_the_brute_force_refit_without_it(n, k, seed):
+    """A move of several channels: its joint cost and the one rank-|S| downdate are the refit without S."""
+    g = torch.Generator().manual_seed(seed)
+    rows = 40 + n * k
+    u = torch.cat([torch.randn(rows, n * k, generator=g, dtype=torch.float64),
+                   torch.ones(rows, 1, dtype=torch.float64)], 1)
+    y = torch.randn(rows, 2, generator=g, dtype=torch.float64)
+    blocks = torch.arange(n * k).reshape(n, k)
+    state = _Elimination(u.t() @ u, u.t() @ y, blocks, ridge=1e-12)
+    gone = sorted(torch.randperm(n, generator=g)[:2].tolist())
+    every = list(range(n * k + 1))
+    rest = [j for j in every if j // k not in gone or j == n * k]
+    assert state.set_cost(gone) == pytest.approx(_lstsq_error(u, y, rest) - _lstsq_error(u, y, every),
+                                                 rel=1e-5, abs=1e-8)
+    state.drop(gone)
+    torch.testing.assert_close(state.w[rest], torch.linalg.lstsq(u[:, rest], y).solution, rtol=1e-6, atol=1e-8)
+
+
 def _two_group_net() -> nn.Module:
     """Hidden layer A (6 neurons; 4 = 3·n0 and 5 = n1 are copies) and hidden layer B (4 distinct neurons)."""
     torch.manual_seed(0)
@@ -111,11 +131,11 @@ def test_allocation_stays_within_half_a_channel_of_the_budget_and_keeps_forced_c
 
 @settings(max_examples=25, deadline=None)
 @given(sizes=st.lists(st.integers(2, 12), min_size=1, max_size=4), multiple=st.integers(1, 5),
-       frac=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
-def test_allocation_in_multiples_keeps_multiples_and_stays_within_half_a_move(sizes, multiple, frac, seed):
-    """``multiple`` r: every group keeps a multiple of r channels or all N (never 0), forced channels stay,
-    the total removed is within half the largest move of the budget unless the groups run out of moves;
-    r = 1 is the channel-by-channel allocation."""
+       block=st.integers(1, 4), frac=st.floats(0.0, 0.9), seed=st.integers(0, 1000))
+def test_allocation_in_multiples_keeps_multiples_and_stays_within_half_a_move(sizes, multiple, block, frac, seed):
+    """``multiple`` r (and moves of at least ``block`` channels): every group keeps a multiple of r channels
+    or all N (never 0), forced channels stay, the total removed is within half the largest move of the
+    budget unless the groups run out of moves; r = block = 1 is the channel-by-channel allocation."""
     g = torch.Generator().manual_seed(seed)
     pools = {}
     for gid, n in enumerate(sizes):
@@ -123,20 +143,21 @@ def test_allocation_in_multiples_keeps_multiples_and_stays_within_half_a_move(si
         u = torch.cat([u, torch.ones(40, 1, dtype=torch.float64)], 1)
         y = torch.randn(40, 2, generator=g, dtype=torch.float64)
         pools[gid] = Pool([(u.t() @ u, u.t() @ y, torch.arange(n)[:, None])], torch.ones(n, dtype=torch.float64),
-                          forced=[1] if gid == 0 else [], multiple=multiple)
+                          forced=[1] if gid == 0 else [], multiple=multiple, block=block)
     total = float(sum(sizes))
+    move = multiple * -(-block // multiple) + multiple  # the largest move: block rounded up, plus N mod r
     keep = allocate(pools, frac * total)
     for gid, n in enumerate(sizes):
         k = len(keep[gid])
         assert k == n or (k % multiple == 0 and k >= multiple)
     assert 1 in keep[0]
     removed = total - sum(len(k) for k in keep.values())
-    assert removed <= frac * total + multiple / 2 + 1e-9
+    assert removed <= frac * total + move / 2 + 1e-9
     # the fewest channels each group can keep in multiples (≥ 1 when the forced one stays)
     floor = sum(n if n <= multiple else multiple for n in sizes)
-    if frac * total <= total - floor - 2 * multiple:
-        assert removed >= frac * total - multiple / 2 - 1e-9
-    if multiple == 1:
+    if frac * total <= total - floor - 2 * move:
+        assert removed >= frac * total - move / 2 - 1e-9
+    if multiple == block == 1:
         assert keep == allocate({gid: Pool(p.stats, p.price, p.forced) for gid, p in pools.items()}, frac * total)
 
 
@@ -184,6 +205,21 @@ def test_reconstruct_method_in_global_scope_reallocates_and_reports_it():
                                                                   method_options={"calibration": 400}))
     assert rounded.details["select"] == "global" and rounded.details["allocation"]["groups"] == 2
     assert {rounded.model[0].out_features % 2, rounded.model[2].out_features % 2} == {0}  # multiples of 2
+    from prunekit.errors import ConfigError
+
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="allocation_block"):
+            ReconstructOptions(allocation_block=bad)
+    half = {"ratio": 0.5, "scope": "global", "calibration_data": x}
+    exact = get_method("reconstruct")(net, x[:1], PruneOptions(**half, method_options={"calibration": 400}))
+    blocked = get_method("reconstruct")(net, x[:1], PruneOptions(
+        **half, method_options={"calibration": 400, "allocation_block": 2}))
+    assert blocked.details["allocation"]["budget_removed"] == exact.details["allocation"]["budget_removed"] == 50.0
+    from prunekit.metrics import count_params
+
+    dense = count_params(net)  # flat layers: a channel's MACs per sample = its parameters
+    assert abs(dense - count_params(exact.model) - 50) <= 5  # within half a channel (10 parameters)
+    assert abs(dense - count_params(blocked.model) - 50) <= 10  # within half a move of two
 
 
 def test_channel_prices_in_macs_count_each_weight_once_per_output_position():

@@ -17,8 +17,11 @@ second conv of every residual block into its stage). The statistics come from th
 this decides *how many and which* channels each group keeps; the sequential refits come after.
 
 A group with a ``multiple`` r > 1 keeps a multiple of r channels (or all N; hardware-friendly widths): it
-loses channels in moves of r (the first one N mod r), priced by the sum of its r cheapest channels' costs
-over their prices, then removed one by one, the cheapest each time (exact downdates in between).
+loses channels in moves of r (the first one N mod r). A group with ``block`` b > 1 loses at least b per move
+(fewer, larger downdates: the elimination is memory-bound one channel at a time, so a wide group — an LLM's
+MLP — goes far faster). A move of k channels takes the k individually cheapest, is priced by their joint
+block-OBS cost ``tr(W_Sᵀ (A_SS)⁻¹ W_S)`` per MAC and removed with one rank-|S| downdate; k = 1 is exact greedy
+elimination.
 """
 from __future__ import annotations
 
@@ -49,8 +52,15 @@ class _Elimination:
         wb = self.w[b]  # (n, k, O)
         return (torch.linalg.solve(abb, wb) * wb).sum((1, 2))
 
-    def drop(self, c: int) -> None:
-        b = self.blocks[c]
+    def set_cost(self, channels: list[int]) -> float:
+        """Error increase of dropping all of ``channels`` together (the block formula on their columns)."""
+        b = self.blocks[channels].reshape(-1)
+        wb = self.w[b]
+        return float((torch.linalg.solve(self.a[b][:, b], wb) * wb).sum())
+
+    def drop(self, channels: list[int]) -> None:
+        """Remove ``channels`` (one rank-|columns| downdate of A and W)."""
+        b = self.blocks[channels].reshape(-1)
         abb = self.a[b][:, b]
         left = torch.linalg.solve(abb, self.a[b])  # (k, D+1) = A_bb⁻¹ A_b:
         self.w = self.w - self.a[:, b] @ torch.linalg.solve(abb, self.w[b])
@@ -70,14 +80,22 @@ class Pool:
     forced: list[int] = field(default_factory=list)
     min_keep: int = 1
     multiple: int = 1  # the kept width is a multiple of it (or the whole group)
+    block: int = 1  # at least this many channels per move (fewer, larger downdates: for wide groups)
 
 
-def move_size(alive: int, multiple: int) -> int:
-    """Channels the next move of a group with ``alive`` channels removes: 1, or down to the next lower
-    multiple of ``multiple`` (0: it cannot go lower without keeping no channel)."""
-    if multiple <= 1:
-        return 1
-    return 0 if alive <= multiple else alive - multiple * ((alive - 1) // multiple)
+def move_size(alive: int, multiple: int = 1, block: int = 1, floor: int = 1) -> int:
+    """Channels the next move of a group with ``alive`` channels removes: down to the next lower multiple of
+    ``multiple``, then further multiples until at least ``block`` go, never below ``floor`` kept channels
+    (0: no move left)."""
+    m = max(multiple, 1)
+    lowest = max(floor, min(alive, m))  # the fewest channels the group may keep
+    if alive <= lowest:
+        return 0
+    k = alive - m * ((alive - 1) // m)
+    if block > k:
+        k += m * ((block - k + m - 1) // m)
+    cap = alive - -(-lowest // m) * m  # keep the smallest multiple of m that is at least `lowest`
+    return max(min(k, cap), 0)
 
 
 class FixedPrices:
@@ -122,14 +140,17 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4, prices:
 
     def refresh_best(g: int) -> None:
         best.pop(g, None)
+        p = pools[g]
         finite = torch.isfinite(error[g])
-        k = move_size(int(alive[g].sum()), pools[g].multiple)
-        if g in full or k == 0 or int(finite.sum()) < k or int(alive[g].sum()) - k < max(pools[g].min_keep, 1):
+        k = move_size(int(alive[g].sum()), p.multiple, p.block, max(p.min_keep, 1))
+        if g in full or k == 0 or int(finite.sum()) < k:
             return
         price = prices.of(g, alive)
         ratio = torch.where(finite, error[g] / price.clamp_min(1e-12), torch.inf)
-        move = torch.argsort(ratio, stable=True)[:k]
-        best[g] = (float(error[g][move].sum() / price[move].sum().clamp_min(1e-12)), k, float(price[move].sum()))
+        move = torch.argsort(ratio, stable=True)[:k].tolist()
+        cost = float(error[g][move[0]]) if k == 1 else sum(s.set_cost(move) for s in states[g])
+        paid = float(price[move].sum())
+        best[g] = (cost / max(paid, 1e-12), move, paid)
 
     for g in pools:
         refresh_error(g)
@@ -137,19 +158,16 @@ def allocate(pools: dict[int, Pool], budget: float, ridge: float = 1e-4, prices:
     removed = 0.0
     while best:
         g = min(best, key=lambda k: (best[k][0], k))
-        _, k, step = best[g]
+        _, move, step = best[g]
         if removed + step - budget > budget - removed:  # it overshoots more than it helps: the group is done
             full.add(g)
             best.pop(g)
             continue
-        for _ in range(k):  # the cheapest channel now, k times
-            price = prices.of(g, alive)
-            c = int(torch.argmin(error[g] / price.clamp_min(1e-12)))
-            for s in states[g]:
-                s.drop(c)
-            alive[g][c] = False
-            removed += float(price[c])
-            refresh_error(g)
+        for s in states[g]:
+            s.drop(move)
+        alive[g][move] = False
+        removed += step
+        refresh_error(g)
         for h in {g} | (prices.dependents(g) & set(pools)):
             refresh_best(h)
     return {g: torch.nonzero(alive[g]).flatten().tolist() for g in pools}

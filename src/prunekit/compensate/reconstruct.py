@@ -83,6 +83,10 @@ class ReconstructOptions:
             weights times its layers' output positions) or ``params``.
         round_to: with ``select="global"``, every re-allocated group keeps a multiple of this many channels (or
             all of them); the other selections keep the plan's widths (which ``make_plan`` rounds already).
+        allocation_block: with ``select="global"``, at least this many channels leave a group per move (one
+            joint block-OBS cost, one downdate); None: 1 below 1,024 channels (exact greedy elimination), N/128
+            from there (measured on a 1,024- and a 2,048-wide group: the same refit error within 0.1 %, 9× and
+            12× faster — one channel at a time the elimination is memory-bound).
         backward: greedy selection goes ``backward · P`` channels past P, then drops as many again, each time
             the one whose removal costs least (forward–backward, OBS-style costs; 0: forward only). Measured at
             0.25: LeNet-300-100 +0.25 pt at 0.7 (mean of 3 seeds), ResNet-20 ±0 at 0.5 and −0.3 at 0.7.
@@ -117,6 +121,7 @@ class ReconstructOptions:
     select: str = "criterion"
     budget: str = "macs"
     round_to: int | None = None
+    allocation_block: int | None = None
     residual: bool = True
     weighted: bool = False
     backward: float = 0.0
@@ -129,6 +134,10 @@ class ReconstructOptions:
         if self.select not in SELECTIONS:
             raise ConfigError(f"select must be one of {list(SELECTIONS)}, got {self.select!r}")
         check_round_to(self.round_to)
+        if self.allocation_block is not None and (not isinstance(self.allocation_block, int)
+                                                  or isinstance(self.allocation_block, bool)
+                                                  or self.allocation_block < 1):
+            raise ConfigError(f"allocation_block must be a positive integer or None, got {self.allocation_block!r}")
         if self.budget not in ("macs", "params"):
             raise ConfigError(f"budget must be 'macs' or 'params', got {self.budget!r}")
         if self.layers not in ("consumers", "all"):
@@ -414,7 +423,9 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
             if not _writes_into_stream(graph, c.name):  # a chain: its own units, as a fraction of its output
                 full = full.weighted(torch.full_like(full.energy, 1.0 / max(full.total(), 1e-300)))
             stats.append((full.gram, full.cross, blocks))
-        pools[gid] = Pool(stats, prices.of(gid, whole), forced=sorted(g.blocked), multiple=options.round_to or 1)
+        block = options.allocation_block or (1 if g.size < 1024 else g.size // 128)
+        pools[gid] = Pool(stats, prices.of(gid, whole), forced=sorted(g.blocked), multiple=options.round_to or 1,
+                          block=block)
     budget = prices.removed({gid: plan.group(gid).keep for gid in pool_ids},
                             {gid: graph.groups[gid].size for gid in pool_ids})
     keep = allocate(pools, budget, prices=prices)
