@@ -1,11 +1,11 @@
 """Reconstruction time vs depth: resumed passes (O(L)) against every pass from the input (O(L²)), in one run.
 
 Random-weight models of growing depth, the same plan at every depth, ``reconstruct`` with its defaults (greedy
-survivors, every later layer refit), 64 calibration inputs; each depth timed with the compressed network's
-passes resumed (the default: ``prunekit.compensate.passes`` on an fx trace, ``.block_passes`` on a
-transformer's layer stack) and with every pass from the input (no cuts kept on the trace, plain hooks for a
-model that does not trace: as before the resumed passes existed), alternated ``--repeats`` times; the refits
-must come out bit-identical.
+survivors, every later layer refit), 64 token sequences / 256 images of calibration; each depth timed with the
+compressed network's passes resumed (the default: ``prunekit.compensate.passes`` on an fx trace,
+``.block_passes`` on a transformer's layer stack) and with every pass from the input (no cuts kept on the trace,
+plain hooks for a model that does not trace: as before the resumed passes existed), alternated ``--repeats``
+times; the refits must come out bit-identical.
 
 * Llama (``transformers.LlamaForCausalLM``, hidden 128, 4 heads / 2 kv heads, intermediate 344, vocab 256,
   sequences of 128 tokens): 20 % of the heads and of the MLP neurons of every layer.
@@ -46,7 +46,7 @@ def resnet(depth: int) -> tuple[torch.nn.Module, torch.Tensor, dict]:
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 2.0)
-    data = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    data = torch.randn(256, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     return model, data, {"ratio": 0.5, "method_options": {"preset": "resnet"}}
 
 

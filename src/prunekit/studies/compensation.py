@@ -15,7 +15,8 @@ training images for the data-light ones:
   kept producers, classifier); ``reconstruct+bn`` then re-estimates the BatchNorm statistics;
 * ``torch-pruning`` — Torch-Pruning's magnitude pruning (L2) of the same layers to the same widths, then 0,
   1, 2 and 3 epochs of fine-tuning at ratio 0.5, each a schedule of its own (``polarization-fmnist-finetune``:
-  cosine to zero over k epochs, all 60,000 labelled images): how many epochs of training compensation saves. Skipped with a note when
+  cosine over k epochs stepped per epoch, all 60,000 labelled images): how many epochs of training
+  compensation saves; and ``reconstruct`` + 1 epoch the same way (compensation as a starting point). Skipped with a note when
   ``torch-pruning`` is not installed.
 
 ``compensation-vgg16-fmnist`` runs the same rows on the quarter-width VGG-16 of ``bench/nm_convnets.py``
@@ -25,7 +26,8 @@ prunable group at the ratio, Torch-Pruning on every conv/linear but the classifi
 Plus a calibration-size sweep of ``reconstruct`` at ratio 0.5 (accuracy and wall time).
 
 Study options (``--set KEY=VALUE``): ``ratios``, ``methods``, ``calibration``, ``sweep`` (list of sizes, ``[]``
-to skip), ``finetune`` (epochs, 0 to skip), ``finetune_ratios``, ``test_size``.
+to skip), ``finetune`` (Torch-Pruning's epochs, 0 to skip), ``finetune_reconstruct`` (reconstruct's; 1, or 0
+when ``finetune`` is 0), ``finetune_ratios``, ``test_size``.
 """
 from __future__ import annotations
 
@@ -87,7 +89,8 @@ SETUPS = {
                                        "and pass --checkpoint runs/nm-fmnist/vgg16"),
 }
 
-SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "finetune_ratios", "test_size")
+SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "finetune_reconstruct", "finetune_ratios",
+            "test_size")
 
 
 def _baseline(options: StudyOptions, out: Path, setup: Setup) -> tuple[nn.Module, dict[str, Any]]:
@@ -157,6 +160,7 @@ def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
     calibration = int(extra.get("calibration", 1000))
     sweep = [int(n) for n in _as_list(extra.get("sweep"), [64, 256, 1000, 4000])]
     finetune = int(extra.get("finetune", 3))
+    finetune_ours = int(extra.get("finetune_reconstruct", min(finetune, 1)))  # none when Torch-Pruning gets none
     finetune_ratios = [float(r) for r in _as_list(extra.get("finetune_ratios"), [0.5])]
     if not (options.checkpoint or setup.trainable):
         raise ConfigError(f"study '{setup.title}' needs --checkpoint (a trained {setup.model}): "
@@ -192,7 +196,11 @@ def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
     for ratio in ratios:
         for label in methods:
             if label != "torch-pruning" and (label not in ABLATION or ratio == 0.5):
-                rows.append(run(label, ratio, calibration)[1])
+                small, row = run(label, ratio, calibration)
+                rows.append(row)
+                if label == "reconstruct" and ratio in finetune_ratios:  # compensation as a starting point
+                    rows += _finetune_rows(label, small, ratio, base, test_set, range(1, finetune_ours + 1),
+                                           row["method_seconds"], options, out)
         if "torch-pruning" in methods:
             rows += _torch_pruning_rows(model, ratio, base, loader, test_set,
                                         finetune if ratio in finetune_ratios else 0, options, out, setup)
@@ -228,16 +236,24 @@ def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options,
     seconds = time.perf_counter() - start
     rows = [_row("torch-pruning", ratio, small, base, evaluate(small, loader)["accuracy"], seconds,
                  finetune_epochs=0)]
-    train_set = get_dataset("fashion-mnist", "train", root=options.data_root, download=False) if finetune else None
-    for epochs in range(1, finetune + 1):  # each budget its own schedule: cosine to zero over k epochs
+    rows += _finetune_rows("torch-pruning", small, ratio, base, test_set, range(1, finetune + 1), seconds, options,
+                           out)
+    stderr_log(f"torch-pruning r={ratio} +0 ep: {rows[0]['accuracy']:.2f} %")
+    return rows
+
+
+def _finetune_rows(label, small, ratio, base, test_set, budgets, seconds, options, out) -> list[dict]:
+    """``small`` fine-tuned for k epochs, for each k in ``budgets``: each its own k-epoch schedule
+    (``polarization-fmnist-finetune``, cosine stepped per epoch: lr · (1 + cos(π e / k)) / 2 in epoch e), all
+    60,000 labelled images; cached (and resumed) in ``OUT/{label}-ft-r{ratio}-e{k}``."""
+    rows = []
+    train_set = get_dataset("fashion-mnist", "train", root=options.data_root, download=False) if budgets else None
+    for epochs in budgets:
         recipe = get_recipe("polarization-fmnist-finetune").replace(epochs=epochs)
         res = train(copy.deepcopy(small), train_set, test_set, recipe, seed=options.seed, resume=True,
-                    out_dir=out / f"torch-pruning-ft-r{ratio}-e{epochs}", device=options.device,
-                    progress=options.progress)
-        rows.append(_row("torch-pruning", ratio, res.model, base, res.history[-1]["accuracy"], seconds,
-                         finetune_epochs=epochs))
-    for r in rows:
-        stderr_log(f"torch-pruning r={ratio} +{r['finetune_epochs']} ep: {r['accuracy']:.2f} %")
+                    out_dir=out / f"{label}-ft-r{ratio}-e{epochs}", device=options.device, progress=options.progress)
+        rows.append(_row(label, ratio, res.model, base, res.history[-1]["accuracy"], seconds, finetune_epochs=epochs))
+        stderr_log(f"{label} r={ratio} +{epochs} ep: {rows[-1]['accuracy']:.2f} %")
     return rows
 
 
@@ -258,7 +274,8 @@ def study_table(report: dict[str, Any]) -> str:
 
 
 def plot_study(report: dict[str, Any], path: Path) -> Path | None:
-    """Accuracy vs MACs removed, one line per method (no fine-tuning), Torch-Pruning + k epochs as points."""
+    """Accuracy vs MACs removed, one line per method (no fine-tuning), the fine-tuned rows (Torch-Pruning,
+    reconstruct + k epochs) as points."""
     fig = figure(figsize=(6.5, 4.2))
     if fig is None:
         return None
@@ -269,11 +286,12 @@ def plot_study(report: dict[str, Any], path: Path) -> Path | None:
                      if r["method"] == m and not r.get("finetune_epochs"))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m)
-    for k in (1, 2, 3):
+    tuned = sorted({(r["method"], r["finetune_epochs"]) for r in report["rows"] if r.get("finetune_epochs")})
+    for m, k in tuned:
         pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in report["rows"]
-                     if r.get("finetune_epochs") == k)
-        if pts:
-            ax.plot(*zip(*pts), linestyle=":", marker="x", label=f"torch-pruning + {k} ep. fine-tune")
+                     if r["method"] == m and r.get("finetune_epochs") == k)
+        ax.plot(*zip(*pts), linestyle="none", marker="x" if m == "torch-pruning" else "+", markersize=8,
+                label=f"{m} + {k} ep. fine-tune")
     ax.axhline(report["baseline_accuracy"], color="gray", linewidth=0.8, label="baseline")
     ax.set_xlabel("MACs removed (%)")
     ax.set_ylabel("test accuracy (%)")
