@@ -154,7 +154,7 @@ def test_allocation_in_multiples_keeps_multiples_and_stays_within_half_a_move(si
     removed = total - sum(len(k) for k in keep.values())
     assert removed <= frac * total + move / 2 + 1e-9
     # the fewest channels each group can keep in multiples (≥ 1 when the forced one stays)
-    floor = sum(n if n <= multiple else multiple for n in sizes)
+    floor = sum(min(n, multiple) for n in sizes)
     if frac * total <= total - floor - 2 * move:
         assert removed >= frac * total - move / 2 - 1e-9
     if multiple == block == 1:
