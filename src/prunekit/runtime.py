@@ -7,7 +7,8 @@ inputs or outputs through hooks. These are the only helpers that do so:
 - :func:`eval_mode` — eval mode + ``no_grad`` for a block; restores *every submodule's own* flag (a
   model with a frozen, eval-mode backbone and a training head comes back exactly as it was).
 - :func:`as_inputs` — a tensor / tuple / kwargs dict / shape → ``(args, kwargs)`` for ``model(*args, **kwargs)``;
-  tensors keep their dtype (token ids stay int64).
+  tensors keep their dtype (token ids stay int64); :func:`without_kv_cache` adds ``use_cache=False`` for a
+  decoder that would build a key/value cache.
 - :func:`capture` — a context in which chosen modules' inputs (or outputs) are recorded, optionally
   stopping the forward pass as soon as all of them have been seen.
 """
@@ -23,7 +24,8 @@ from torch import nn
 
 from .errors import ConfigError
 
-__all__ = ["Captured", "StopForward", "as_inputs", "call", "capture", "eval_mode", "seed_everything"]
+__all__ = ["Captured", "StopForward", "as_inputs", "call", "capture", "eval_mode", "seed_everything",
+           "without_kv_cache"]
 
 
 @contextlib.contextmanager
@@ -65,6 +67,20 @@ def as_inputs(example_inputs: Any) -> tuple[tuple, dict]:
         return tuple(example_inputs), {}
     raise ConfigError(f"example_inputs must be a tensor, a tuple of tensors, a kwargs dict or a shape; "
                       f"got {type(example_inputs).__name__}")
+
+
+def without_kv_cache(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """``kwargs`` with ``use_cache=False`` when ``model.forward`` takes ``use_cache`` and the caller did not set
+    it (``transformers``' decoders, T5: they build and return a key/value cache object by default)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "use_cache" in params and "use_cache" not in kwargs and list(params).index("use_cache") >= len(args):
+        return {**kwargs, "use_cache": False}
+    return kwargs
 
 
 def call(model: nn.Module, inputs: Any) -> Any:

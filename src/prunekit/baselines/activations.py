@@ -23,7 +23,6 @@ padded positions are left out.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from torch import nn
 from ..compensate.calibration import batches
 from ..engine.rules import ConvRule, LinearRule, find_rule
 from ..errors import ConfigError
-from ..runtime import as_inputs, capture, eval_mode
+from ..runtime import as_inputs, capture, eval_mode, without_kv_cache
 
 __all__ = ["InputStats", "column_dim", "input_statistics"]
 
@@ -109,17 +108,6 @@ def _to(batch: Any, device: torch.device | None) -> Any:
     return batch.to(device) if isinstance(batch, torch.Tensor) else batch
 
 
-def _no_cache(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    """``use_cache=False`` for decoders whose forward takes it (no key/value cache is built)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return kwargs
-    if "use_cache" in params and "use_cache" not in kwargs and list(params).index("use_cache") >= len(args):
-        return {**kwargs, "use_cache": False}
-    return kwargs
-
-
 def input_statistics(model: nn.Module, names: Iterable[str], inputs: Any, *, batch_size: int = 8
                      ) -> dict[str, InputStats]:
     """:class:`InputStats` of every consumer in ``names`` over all ``inputs`` (a tensor or a dict of
@@ -154,7 +142,7 @@ def input_statistics(model: nn.Module, names: Iterable[str], inputs: Any, *, bat
             with contextlib.ExitStack() as stack:
                 for name in names:  # one capture per consumer: each streams into its own statistics
                     stack.enter_context(capture(model, [name], every_call=True, transform=accumulate(name)))
-                model(*args, **_no_cache(model, args, kwargs))
+                model(*args, **without_kv_cache(model, args, kwargs))
     missing = [n for n in names if n not in stats]
     if missing:
         raise ConfigError(f"the calibration inputs never reach {missing}: their input statistics are undefined")

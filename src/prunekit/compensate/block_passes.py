@@ -8,12 +8,10 @@ batch. :class:`BlockPasses` keeps, per batch, the arguments with which a pass en
 digest of the own parameters of every module called before it; a later pass on a network whose earlier
 modules hash the same calls the blocks from there instead of the whole network from its input — the
 reconstruction's O(L²) block evaluations become O(L). Key/value caches are off during these passes
-(``config.use_cache = False``): they are state carried between calls, not inputs.
+(``use_cache=False``, :func:`prunekit.runtime.without_kv_cache`): they are state carried between calls.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
@@ -21,13 +19,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..runtime import StopForward, call
+from ..runtime import StopForward, as_inputs, without_kv_cache
 from .passes import CutStore, digest
 
 if TYPE_CHECKING:
     from .residual import Skip
 
-__all__ = ["BlockPasses", "Chain", "find_chains", "no_kv_cache"]
+__all__ = ["BlockPasses", "Chain", "find_chains"]
 
 
 @dataclass(frozen=True)
@@ -47,18 +45,10 @@ class Chain:
         return int(head[0]) if len(head) == 2 and head[0].isdigit() and int(head[0]) < self.size else None
 
 
-@contextlib.contextmanager
-def no_kv_cache(model: nn.Module) -> Iterator[None]:
-    """``model.config.use_cache = False`` for the block (Hugging Face models), restored on exit."""
-    config = getattr(model, "config", None)
-    was = getattr(config, "use_cache", None)
-    if was:
-        config.use_cache = False
-    try:
-        yield
-    finally:
-        if was:
-            config.use_cache = was
+def _run(model: nn.Module, inputs: Any) -> Any:
+    """``model`` on ``inputs`` without a key/value cache (state carried between calls, not an input)."""
+    args, kwargs = as_inputs(inputs)
+    return model(*args, **without_kv_cache(model, args, kwargs))
 
 
 def _plain(value: Any) -> bool:
@@ -129,8 +119,8 @@ def find_chains(model: nn.Module, probe: Any) -> list[Chain]:
         if name in block_names:
             handles.append(module.register_forward_hook(post(name), with_kwargs=True))
     try:
-        with no_kv_cache(model), torch.no_grad():
-            call(model, probe)
+        with torch.no_grad():
+            _run(model, probe)
     except Exception:  # noqa: BLE001 - a model that fails here simply gets plain passes
         return []
     finally:
@@ -186,7 +176,7 @@ class BlockPasses:
 
         handle = model.get_submodule(name).register_forward_pre_hook(grab)
         try:
-            with no_kv_cache(model), torch.no_grad():
+            with torch.no_grad():
                 if cut is None:
                     self._from_input(model, chain, j, b, xb)
                 else:
@@ -210,7 +200,7 @@ class BlockPasses:
             lambda _m, args, kwargs, i=i: self._save(chain, i, b, args, kwargs), with_kwargs=True)
             for i in range(j + 1)]
         try:
-            call(model, xb)
+            _run(model, xb)
         finally:
             for h in handles:
                 h.remove()

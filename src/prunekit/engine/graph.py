@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import inspect
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -34,7 +33,7 @@ import numpy as np
 from torch import nn
 
 from ..errors import ConfigError
-from ..runtime import as_inputs, eval_mode
+from ..runtime import as_inputs, eval_mode, without_kv_cache
 from .adapters import find_ties
 from .capture import capture_graph, has_rule, is_leaf
 from .channels import ROLES, Chan, Group, HeadSplit, Member, TensorInfo
@@ -111,7 +110,8 @@ class ChannelGraph:
         """
         if capture not in ("auto", "fx", "record", "export"):
             raise ConfigError(f"capture must be 'auto', 'fx', 'record' or 'export', got {capture!r}")
-        args, kwargs = _without_cache(model, *as_inputs(example_inputs))
+        args, kwargs = as_inputs(example_inputs)
+        kwargs = without_kv_cache(model, args, kwargs)  # the trace (and surgery's check) build no cache
         names = resolve_modules(model, ignored, "ignored")
         leaves = set(resolve_modules(model, leaf_modules, "leaf_modules"))
         protect: set[str] = set()
@@ -294,18 +294,6 @@ def _unreached(model: nn.Module, graph: Any) -> list[str]:
             continue
         out.append(name)
     return out
-
-
-def _without_cache(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Decoders (``transformers``' ``*ForCausalLM``, T5, ...) return a key/value cache object by default;
-    the trace (and surgery's check) runs them with ``use_cache=False`` unless the caller chose."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return args, kwargs
-    if "use_cache" in params and "use_cache" not in kwargs and list(params).index("use_cache") >= len(args):
-        kwargs = {**kwargs, "use_cache": False}
-    return args, kwargs
 
 
 def _merge_reason(group: Group, taints: list[str], model: nn.Module) -> str | None:
