@@ -21,9 +21,10 @@ from torch import nn
 
 from ..runtime import StopForward, as_inputs, without_kv_cache
 from .passes import CutStore, digest
+from .stream_skips import skip_value
 
 if TYPE_CHECKING:
-    from .residual import Skip
+    from .stream_skips import StreamSkip
 
 __all__ = ["BlockPasses", "Chain", "find_chains"]
 
@@ -156,12 +157,12 @@ class BlockPasses:
                 return chain, j
         return None
 
-    def inputs(self, model: nn.Module, name: str, skip: Skip | None, b: int, xb: Any
-               ) -> tuple[torch.Tensor, None] | None:
-        """Module ``name``'s first input in ``model`` on batch ``b``; None when ``name`` is in no chain (or a
-        skip value is asked for: those come from a trace)."""
+    def inputs(self, model: nn.Module, name: str, skip: StreamSkip | None, b: int, xb: Any
+               ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Module ``name``'s first input in ``model`` on batch ``b``, and the value of its stream skip (computed
+        before it in the same block, :mod:`.stream_skips`); None when ``name`` is in no chain."""
         where = self._locate(name)
-        if where is None or skip is not None:
+        if where is None:
             return None
         chain, j = where
         self.store.bind(model)
@@ -174,7 +175,10 @@ class BlockPasses:
                 seen["x"] = args[0].detach()
             raise StopForward
 
-        handle = model.get_submodule(name).register_forward_pre_hook(grab)
+        handles = [model.get_submodule(name).register_forward_pre_hook(grab)]
+        if skip is not None:
+            skip_handle, box = skip_value(model, skip)
+            handles.append(skip_handle)
         try:
             with torch.no_grad():
                 if cut is None:
@@ -184,10 +188,11 @@ class BlockPasses:
         except StopForward:
             pass
         finally:
-            handle.remove()
+            for h in handles:
+                h.remove()
         if "x" not in seen:
             raise RuntimeError(f"module '{name}' was not called in block {j} of '{chain.name}'")
-        return seen["x"], None
+        return seen["x"], (box.get("s") if skip is not None else None)
 
     def _save(self, chain: Chain, i: int, b: int, args: tuple, kwargs: dict) -> None:
         hidden = args[0].detach().clone()

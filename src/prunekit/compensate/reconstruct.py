@@ -52,6 +52,7 @@ from .layers import to_module_layout, weight_oi
 from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
 from .passes import ResumablePasses
 from .residual import Skip, find_skips
+from .stream_skips import find_stream_skips
 from .targets import Targets
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -440,7 +441,8 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
 def _passes(model: nn.Module, probe: Any, options: ReconstructOptions
             ) -> tuple[dict[str, Skip], Any, ResumablePasses | BlockPasses | None]:
     """(residual skips, the fx trace, what resumes the compressed network's passes): on the trace when the
-    model traces, else from its chains of blocks (transformers), else nothing (every pass from the input)."""
+    model traces; else from its chains of blocks (transformers), with the skips found inside them
+    (:mod:`.stream_skips`); else nothing (every pass from the input, no residual targets)."""
     with eval_mode(model):
         skips, fx_graph = find_skips(model, probe)
         if fx_graph is not None:
@@ -448,6 +450,8 @@ def _passes(model: nn.Module, probe: Any, options: ReconstructOptions
         else:
             chains = find_chains(model, probe)
             passes = BlockPasses(chains, options.max_cache_bytes) if chains else None
+            if chains and options.residual:
+                skips = find_stream_skips(model, chains, probe)
     return (skips if options.residual else {}), fx_graph, passes
 
 

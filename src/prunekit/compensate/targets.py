@@ -26,6 +26,7 @@ from .calibration import batches, module_inputs, n_inputs
 from .layers import is_linear
 from .passes import ResumablePasses
 from .residual import Skip, module_nodes, node_values
+from .stream_skips import StreamSkip, skip_value
 
 
 def sample_positions(module: nn.Module, y: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor | None:
@@ -60,10 +61,16 @@ class Targets:
 
     def _record(self, model: nn.Module, names: list[str], xb: Any) -> tuple[dict, dict]:
         """(outputs of ``names``, skip values of those with a skip) on batch ``xb``."""
-        if self.fx_graph is None or not any(n in self.skips for n in names):
-            with capture(model, names, what="output") as seen:
-                call(model, xb)
-            return dict(seen.values), {}
+        stream = [n for n in names if isinstance(self.skips.get(n), StreamSkip)]
+        if stream or self.fx_graph is None or not any(n in self.skips for n in names):
+            hooks = {n: skip_value(model, self.skips[n]) for n in stream}
+            try:
+                with capture(model, names, what="output") as seen:
+                    call(model, xb)
+            finally:
+                for handle, _ in hooks.values():
+                    handle.remove()
+            return dict(seen.values), {n: box["s"] for n, (_, box) in hooks.items() if "s" in box}
         nodes = module_nodes(self.fx_graph)
         wanted = {nodes[n].name for n in names if n in nodes} | {self.skips[n].partner for n in names
                                                                  if n in self.skips}
