@@ -155,3 +155,18 @@ def test_reconstruction_refits_are_the_same_with_and_without_resumed_passes(monk
         for a, b in zip(resumed.refits, plain.refits):
             assert a.module == b.module and torch.equal(a.weight, b.weight)
         assert torch.equal(out, plain_out)
+
+
+def test_targets_are_cached_when_all_inputs_fit_even_if_whole_batches_would_not():
+    """110 inputs in batches of 100: 110 rows of 4 float32 outputs (1,760 bytes) fit in 2,000 bytes, two full
+    batches (3,200) would not — the rows are gathered once and kept."""
+    from prunekit.compensate.targets import Targets
+
+    net = nn.Sequential(nn.Linear(3, 4)).eval()
+    x = torch.randn(110, 3)
+    kept = Targets(net, ["0"], x, 100, None, 0, {}, None, max_bytes=2000)
+    assert kept.cached and sum(len(r) for r in kept.rows["0"]) == 110
+    assert not Targets(net, ["0"], x, 100, None, 0, {}, None, max_bytes=1500).cached
+    y, _ = kept.batch("0", 1, x[100:])
+    with torch.no_grad():
+        assert torch.equal(y, net(x[100:]))

@@ -89,16 +89,16 @@ class Targets:
             self.skip_rows[name].append(output_rows(module, s, pos).float())
 
     def _gather(self, max_bytes: int) -> bool:
-        n_batches = -(-n_inputs(self.inputs) // self.batch_size)
+        n_total = n_inputs(self.inputs)
         with eval_mode(self.model):
             for b, xb in enumerate(batches(self.inputs, self.batch_size)):
                 outs, skips = self._record(self.model, self.names, xb)
                 for name in self.names:
                     if name in outs:
                         self._add(name, outs[name], skips.get(name))
-                if b == 0:
+                if b == 0:  # the first batch's rows, scaled to all inputs (the last batch may be short)
                     per_batch = sum(t[-1].numel() * 4 for d in (self.rows, self.skip_rows) for t in d.values() if t)
-                    if per_batch * n_batches > max_bytes:
+                    if per_batch * n_total / n_inputs(xb) > max_bytes:
                         self.rows = {n: [] for n in self.names}
                         self.skip_rows = {n: [] for n in self.names if n in self.skips}
                         return False
