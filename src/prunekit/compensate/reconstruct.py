@@ -53,7 +53,7 @@ from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, so
 from .passes import ResumablePasses
 from .residual import Skip, find_skips
 from .stream_skips import find_stream_skips
-from .targets import Targets
+from .targets import Passes, Targets
 
 RIDGE_GRID = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 SELECTIONS = ("criterion", "greedy", "global")
@@ -327,7 +327,8 @@ def _greedy_group(model: nn.Module, graph: ChannelGraph, name: str, plan: Plan) 
 
 def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: Targets, compressed: nn.Module,
                       n_train: int, options: ReconstructOptions, skips: dict[str, Skip],
-                      passes: ResumablePasses | BlockPasses | None) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
+                      passes: Passes | None
+                      ) -> list[tuple[Consumer, torch.Tensor, list[Normal], list[Normal]]]:
     """Per consumer of group ``gid``: (the consumer over all its inputs, its channel blocks, its train and
     held-out statistics with ``compressed`` as the network it reads from)."""
     g = graph.groups[gid]
@@ -345,7 +346,7 @@ def _group_statistics(model: nn.Module, graph: ChannelGraph, gid: int, targets: 
 
 def _select_greedy(model: nn.Module, graph: ChannelGraph, plan: Plan, gid: int, targets: Targets,
                    options: ReconstructOptions, intercept: bool, n_train: int, skips: dict[str, Skip],
-                   passes: ResumablePasses | BlockPasses | None
+                   passes: Passes | None
                    ) -> tuple[list[int], dict[str, tuple[Normal, Normal]]]:
     """Survivors of group ``gid`` by forward selection against its consumers' outputs (:mod:`.greedy`),
     from the network in which every earlier decision is applied and ``gid`` is whole.
@@ -390,7 +391,7 @@ def _writes_into_stream(graph: ChannelGraph, name: str) -> bool:
 
 
 def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: Any, options: ReconstructOptions,
-                   passes: ResumablePasses | BlockPasses | None) -> tuple[Plan, dict[str, Any]]:
+                   passes: Passes | None) -> tuple[Plan, dict[str, Any]]:
     """The plan with the survivors of every selectable pruned group re-chosen together (:mod:`.allocate`) from
     the unpruned network's statistics, the MACs (or parameters) they remove kept; and a summary for the report."""
     pool_ids = [gp.group_id for gp in plan.groups
@@ -439,7 +440,7 @@ def _select_global(model: nn.Module, graph: ChannelGraph, plan: Plan, inputs: An
 
 
 def _passes(model: nn.Module, probe: Any, options: ReconstructOptions
-            ) -> tuple[dict[str, Skip], Any, ResumablePasses | BlockPasses | None]:
+            ) -> tuple[dict[str, Skip], Any, Passes | None]:
     """(residual skips, the fx trace, what resumes the compressed network's passes): on the trace when the
     model traces; else from its chains of blocks (transformers), with the skips found inside them
     (:mod:`.stream_skips`); else nothing (every pass from the input, no residual targets)."""

@@ -42,7 +42,7 @@ def _tensor(value: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) and value.is_floating_point() else None
 
 
-def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()) + 1e-7))
 
 
@@ -89,7 +89,7 @@ def find_stream_skips(model: nn.Module, chains: list[Chain], probe: Any) -> dict
             if t.shape != y.shape:
                 continue
             rest = t - y
-            match = next(((k, n) for k, n, s in reversed(before) if _same(rest, s) and not _same(s, t)), None)
+            match = next(((k, n) for k, n, s in reversed(before) if _close(rest, s) and not _close(s, t)), None)
             if match is not None:
                 out[name] = StreamSkip(name, *match)
                 break
