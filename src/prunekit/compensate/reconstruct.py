@@ -52,6 +52,7 @@ from .layers import to_module_layout, weight_oi
 from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
 from .passes import ResumablePasses
 from .residual import Skip, find_skips
+from .softmax_fit import logits_layer, logits_rows, softmax_refit
 from .stream_skips import find_stream_skips
 from .targets import Passes, Targets
 
@@ -107,6 +108,12 @@ class ReconstructOptions:
             (:mod:`.batchnorm`).
         layers: ``consumers`` (the layers that lose inputs) or ``all`` (also every later Linear/conv, whose
             inputs drift: the kept producers, the following blocks, the classifier).
+        output_loss: how the layer that produces the model's logits is refit: ``kl`` — for the softmax it
+            feeds, the second-order KL of :mod:`.softmax_fit` (from the least-squares refit), or ``mse`` — the
+            logits by least squares like every other layer. Measured (five calibration seeds): LeNet-300-100
+            +0.4 / +0.8 points at 0.7 / 0.8; ResNet-20 ±0.05 at 0.5, +0.3 at 0.7.
+        temperature: τ of the softmax whose KL ``output_loss="kl"`` approximates (p = softmax(z/τ)).
+        kl_mix: the plain squared error mixed into that objective (ε of :mod:`.softmax_fit`).
         seed: picks the calibration subset.
     """
 
@@ -129,6 +136,9 @@ class ReconstructOptions:
     bn_recalibrate: bool = False
     positions: int | None = 128
     max_cache_bytes: int = 1 << 30
+    output_loss: str = "kl"
+    temperature: float = 2.0
+    kl_mix: float = 0.01
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -141,6 +151,12 @@ class ReconstructOptions:
             raise ConfigError(f"allocation_block must be a positive integer or None, got {self.allocation_block!r}")
         if self.budget not in ("macs", "params"):
             raise ConfigError(f"budget must be 'macs' or 'params', got {self.budget!r}")
+        if self.output_loss not in ("kl", "mse"):
+            raise ConfigError(f"output_loss must be 'kl' or 'mse', got {self.output_loss!r}")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ConfigError(f"temperature must be a positive number, got {self.temperature!r}")
+        if not (isinstance(self.kl_mix, (int, float)) and self.kl_mix > 0):
+            raise ConfigError(f"kl_mix must be a positive number, got {self.kl_mix!r}")
         if self.layers not in ("consumers", "all"):
             raise ConfigError(f"layers must be 'consumers' or 'all', got {self.layers!r}")
         if not isinstance(self.calibration, int) or isinstance(self.calibration, bool) or self.calibration < 1:
@@ -463,6 +479,40 @@ def _restrict(stats: Normal, inputs: np.ndarray, k: int) -> Normal:
     return Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
 
 
+def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: list[str],
+                       reports: list[dict[str, Any]], targets: Targets, passes: Passes | None,
+                       options: ReconstructOptions) -> Plan:
+    """``plan`` with the refit layer that produces the model's logits (if any) refit again, from its
+    least-squares refit, for the softmax it feeds (:mod:`.softmax_fit`); its report gains the KL before and
+    after. Unchanged when no refit layer's output is the logits, or the layer loses outputs."""
+    name = logits_layer(model, take(targets.inputs, slice(0, 1)), todo)
+    refit = next((r for r in plan.refits if r.module == name), None)
+    rep = next((r for r in reports if r.get("module") == name and r.get("action") == "refit"), None)
+    if refit is None or rep is None or refit.weight is None or refit.norm is not None \
+            or rep["outputs_kept"] != refit.weight.shape[0]:
+        return plan
+    c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
+    (local_in, _, out_rows), = c.blocks()
+    prior = c.prior(local_in, out_rows).t()  # (C, D+1), the original bias last
+    compressed = apply(model, graph, plan, verify=False)
+    u, z = logits_rows(targets, compressed, name, passes, options.max_cache_bytes, options.seed)
+    w0 = refit.weight.reshape(refit.weight.shape[0], -1).double()
+    b0 = refit.bias if refit.bias is not None else refit.offset
+    if rep["intercept"]:
+        u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype)], 1)
+        theta0, fixed = torch.cat([w0, b0.double()[:, None]], 1), None
+    else:
+        theta0, prior, fixed = w0, prior[:, :-1], (None if b0 is None else b0.double())
+    theta, fitted = softmax_refit(u, z, theta0, prior, rep["ridge"], fixed_bias=fixed,
+                                  temperature=options.temperature, eps=options.kl_mix)
+    weight = theta[:, :w0.shape[1]].reshape(refit.weight.shape).to(refit.weight.dtype)
+    new = replace(refit, weight=weight, provenance={**refit.provenance, **fitted})
+    if rep["intercept"]:
+        new = replace(new, **{"bias" if refit.bias is not None else "offset": theta[:, -1].to(b0.dtype)})
+    rep.update(fitted)
+    return plan.with_refits([new])
+
+
 def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: Any,
                      options: ReconstructOptions | None = None, *, progress: bool = False
                      ) -> tuple[Plan, list[dict[str, Any]]]:
@@ -528,6 +578,8 @@ def reconstruct_plan(model: nn.Module, graph: ChannelGraph, plan: Plan, data: An
                         "residual_target": name in skips})
         bar.update(1)
     bar.close()
+    if options.output_loss == "kl":
+        plan = _refit_for_softmax(model, graph, plan, todo, reports, targets, passes, options)
     if options.bn_recalibrate:
         plan = plan.with_refits(batchnorm_refits(model, graph, plan, inputs, options.batch_size))
     plan.meta.update(method="reconstruct", reconstruct=options.to_dict())

@@ -1,0 +1,154 @@
+"""The logits' layer refit for the softmax it feeds (``prunekit.compensate.softmax_fit``): the conjugate
+gradients reach the minimiser of the weighted objective (checked against a dense least-squares solve built
+independently), the layer is found only when its output *is* the logits, and ``reconstruct_plan`` refits it
+with ``output_loss="kl"`` to a lower KL than least squares."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from prunekit.compensate import ReconstructOptions, reconstruct_plan
+from prunekit.compensate.softmax_fit import logits_layer, softmax_refit
+from prunekit.engine import ChannelGraph, GroupPlan, Plan, apply
+from prunekit.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def dense_minimiser(u, z, prior, lam, temperature, eps, fixed):
+    """argmin Σ_n ‖L_nᵀ(Θu_n + f − z_n)‖² + Σ λ_d (Θ − prior)²_{cd}, L_n L_nᵀ = diag(p_n) − p_n p_nᵀ + εI, as
+    one stacked least-squares problem in vec(Θ) (rows of Θ concatenated)."""
+    n, d = u.shape
+    c = z.shape[1]
+    p = torch.softmax(z / temperature, 1)
+    rows, rhs = [], []
+    for i in range(n):
+        a = torch.diag(p[i]) - torch.outer(p[i], p[i]) + eps * torch.eye(c, dtype=torch.float64)
+        lt = torch.linalg.cholesky(a).t()
+        rows.append(torch.kron(lt, u[i][None, :]))  # (C, C·D): L_nᵀ Θ u_n
+        rhs.append(lt @ (z[i] - fixed))
+    for j in range(c):
+        for k in range(d):
+            if lam[k] > 0:
+                e = torch.zeros(c * d, dtype=torch.float64)
+                e[j * d + k] = lam[k].sqrt()
+                rows.append(e[None, :])
+                rhs.append((lam[k].sqrt() * prior[j, k])[None])
+    sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(rhs)[:, None]).solution
+    return sol.view(c, d)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), intercept=st.booleans(), temperature=st.sampled_from([1.0, 2.0, 4.0]),
+       eps=st.sampled_from([1e-3, 1e-2, 1e-1]), ridge=st.sampled_from([0.0, 1e-3, 1e-1]))
+def test_conjugate_gradients_reach_the_dense_minimiser(seed, intercept, temperature, eps, ridge):
+    g = torch.Generator().manual_seed(seed)
+    n, d, c = 40, 5, 4
+    u = torch.randn(n, d, generator=g, dtype=torch.float64)
+    if intercept:
+        u = torch.cat([u, torch.ones(n, 1, dtype=torch.float64)], 1)
+    z = 3 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    prior = torch.randn(c, u.shape[1], generator=g, dtype=torch.float64)
+    theta0 = torch.linalg.lstsq(u, z).solution.t()
+    fixed = None if intercept else torch.randn(c, generator=g, dtype=torch.float64)
+    theta, report = softmax_refit(u, z, theta0, prior, ridge, fixed_bias=fixed, temperature=temperature, eps=eps,
+                                  tol=1e-12, max_iter=500)
+    # λ as documented: r · mean_{n,c}(p(1 − p) + ε) · trace(UᵀU)/D, the intercept column not shrunk
+    p = torch.softmax(z / temperature, 1)
+    lam = torch.full((u.shape[1],), ridge * float((p * (1 - p) + eps).mean()) * float((u * u).sum()) / u.shape[1],
+                     dtype=torch.float64)
+    if intercept:
+        lam[-1] = 0.0
+    want = dense_minimiser(u, z, prior, lam, temperature, eps, torch.zeros(c, dtype=torch.float64)
+                           if fixed is None else fixed)
+    assert torch.allclose(theta, want, atol=1e-6 * (1 + float(want.abs().max())))
+    assert report["cg_iterations"] <= c * u.shape[1] + 5  # CG in exact arithmetic: at most the unknowns
+    f = torch.zeros(c, dtype=torch.float64) if fixed is None else fixed
+
+    def objective(t):
+        r = u @ t.t() + f - z
+        return float(((p * r * r).sum(1) - (p * r).sum(1) ** 2 + eps * (r * r).sum(1)).sum()
+                     + (lam * (t - prior) ** 2).sum())
+    assert objective(theta) <= objective(theta0) + 1e-9
+
+
+def test_an_exact_least_squares_start_is_kept():
+    """Logits reproduced exactly (no ridge): the minimiser is the start; no iteration."""
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    theta_true = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    theta, report = softmax_refit(u, u @ theta_true.t(), theta_true, torch.zeros(3, 6, dtype=torch.float64), 0.0)
+    assert report["cg_iterations"] == 0 and torch.equal(theta, theta_true) and report["kl"] < 1e-12
+
+
+class DictOut(nn.Module):
+    def __init__(self, head: nn.Module, after: nn.Module | None = None):
+        super().__init__()
+        self.body, self.head, self.after = nn.Linear(4, 6), head, after
+
+    def forward(self, x):
+        y = self.head(torch.relu(self.body(x)))
+        return {"logits": y if self.after is None else self.after(y)}
+
+
+def test_the_logits_layer_is_the_one_whose_output_is_the_models():
+    x = torch.randn(2, 4)
+    seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
+    assert logits_layer(seq, x, ["0", "2"]) == "2"
+    assert logits_layer(seq, x, ["0"]) is None  # not among the candidates
+    assert logits_layer(nn.Sequential(*seq, nn.LogSoftmax(1)), x, ["0", "2"]) is None  # something follows it
+    assert logits_layer(DictOut(nn.Linear(6, 3)), x, ["body", "head"]) == "head"  # out["logits"]
+    assert logits_layer(DictOut(nn.Linear(6, 3), nn.Tanh()), x, ["body", "head"]) is None
+
+
+def teacher_mlp() -> tuple[nn.Module, torch.Tensor]:
+    """An MLP whose logits are confident on some inputs and hesitant on others."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 24), nn.ReLU(), nn.Linear(24, 5)).eval()
+    with torch.no_grad():
+        net[2].weight.mul_(4)
+    return net, torch.randn(400, 8, generator=torch.Generator().manual_seed(1))
+
+
+def kl_to(net: nn.Module, other: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        logp, logq = torch.log_softmax(net(x), 1), torch.log_softmax(other(x), 1)
+    return float((logp.exp() * (logp - logq)).sum(1).mean())
+
+
+def test_reconstruct_refits_the_logits_layer_to_a_lower_kl_than_least_squares():
+    net, x = teacher_mlp()
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=list(range(0, 24, 3)), size=24)])
+    options = ReconstructOptions(calibration=400, ridge=1e-4)
+    kl_plan, kl_reports = reconstruct_plan(net, graph, plan, x, options)
+    mse_plan, mse_reports = reconstruct_plan(net, graph, plan, x, options.replace(output_loss="mse"))
+    (rep,) = kl_reports
+    assert rep["module"] == "2" and rep["output_loss"] == "kl" and rep["cg_residual"] < 1e-6
+    assert "output_loss" not in mse_reports[0]
+    assert rep["kl"] < rep["kl_least_squares"]
+    kl_net, mse_net = apply(net, graph, kl_plan), apply(net, graph, mse_plan)
+    assert rep["kl_least_squares"] == pytest.approx(kl_to(net, mse_net, x), rel=1e-4)  # the report measures
+    assert rep["kl"] == pytest.approx(kl_to(net, kl_net, x), rel=1e-4)  # what the applied models output
+    assert kl_plan.refit("2").provenance["output_loss"] == "kl"
+    held_out = torch.randn(2000, 8, generator=torch.Generator().manual_seed(2))
+    assert kl_to(net, kl_net, held_out) < kl_to(net, mse_net, held_out)
+
+
+def test_without_intercept_the_bias_stays_and_only_the_weight_moves():
+    net, x = teacher_mlp()
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=list(range(0, 24, 3)), size=24)])
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, ReconstructOptions(calibration=400, intercept=False))
+    assert torch.equal(fitted.refit("2").bias.double(), net[2].bias.detach().double())
+    assert rep["kl"] < rep["kl_least_squares"]
+    assert rep["kl"] == pytest.approx(kl_to(net, apply(net, graph, fitted), x), rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [{"output_loss": "ce"}, {"temperature": 0}, {"kl_mix": -1.0}])
+def test_bad_softmax_options_are_refused(bad):
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        ReconstructOptions(**bad)
