@@ -152,3 +152,23 @@ def test_without_intercept_the_bias_stays_and_only_the_weight_moves():
 def test_bad_softmax_options_are_refused(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         ReconstructOptions(**bad)
+
+
+@pytest.mark.parametrize("n", [30, 400])
+def test_held_out_inputs_choose_the_ridge_and_whether_the_softmax_fit_is_kept(n):
+    """Kept only when its held-out KL beats the least-squares refit's on the same split (with few inputs the
+    weighted fit, which leans on the rows the model hesitates on, may not)."""
+    net, x = teacher_mlp()
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=list(range(0, 24, 3)), size=24)])
+    options = ReconstructOptions(calibration=n)
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, options)
+    mse, _ = reconstruct_plan(net, graph, plan, x, options.replace(output_loss="mse"))
+    assert rep["kl_ridge"] in options.ridge_grid
+    if rep["output_loss"] == "kl":
+        assert rep["kl_held_out"] < rep["kl_held_out_least_squares"]
+        assert not torch.equal(fitted.refit("2").weight, mse.refit("2").weight)
+    else:
+        assert rep["output_loss"] == "mse" and rep["kl_held_out"] >= rep["kl_held_out_least_squares"]
+        assert torch.equal(fitted.refit("2").weight, mse.refit("2").weight)
+    assert n < 100 or rep["output_loss"] == "kl"  # enough inputs: the softmax fit generalises here

@@ -45,14 +45,14 @@ from ..runtime import eval_mode
 from .allocate import Pool, allocate
 from .batchnorm import batchnorm_refits
 from .block_passes import BlockPasses, find_chains
-from .calibration import calibration_inputs, call_order, output_positions, take
+from .calibration import calibration_inputs, call_order, n_inputs, output_positions, take
 from .constants import followers
 from .greedy import select_channels
 from .layers import to_module_layout, weight_oi
 from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
 from .passes import ResumablePasses
 from .residual import Skip, find_skips
-from .softmax_fit import logits_layer, logits_rows, softmax_refit
+from .softmax_fit import logits_layer, logits_rows, mean_kl, softmax_refit
 from .stream_skips import find_stream_skips
 from .targets import Passes, Targets
 
@@ -484,7 +484,9 @@ def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: 
                        options: ReconstructOptions) -> Plan:
     """``plan`` with the refit layer that produces the model's logits (if any) refit again, from its
     least-squares refit, for the softmax it feeds (:mod:`.softmax_fit`); its report gains the KL before and
-    after. Unchanged when no refit layer's output is the logits, or the layer loses outputs."""
+    after. The ridge is chosen on the held-out calibration inputs by their KL at temperature 1, and the
+    least-squares refit stays when it is as good there. Unchanged when no refit layer's output is the logits,
+    or the layer loses outputs."""
     name = logits_layer(model, take(targets.inputs, slice(0, 1)), todo)
     refit = next((r for r in plan.refits if r.module == name), None)
     rep = next((r for r in reports if r.get("module") == name and r.get("action") == "refit"), None)
@@ -493,21 +495,41 @@ def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: 
         return plan
     c = _consumer(model, graph, keep_masks(graph, plan).masks, name)
     (local_in, _, out_rows), = c.blocks()
-    prior = c.prior(local_in, out_rows).t()  # (C, D+1), the original bias last
+    prior = c.prior(local_in, out_rows)  # (D+1, C), the original bias last
     compressed = apply(model, graph, plan, verify=False)
-    u, z = logits_rows(targets, compressed, name, passes, options.max_cache_bytes, options.seed)
+    x, z, owner = logits_rows(targets, compressed, name, passes, options.max_cache_bytes, options.seed)
     w0 = refit.weight.reshape(refit.weight.shape[0], -1).double()
     b0 = refit.bias if refit.bias is not None else refit.offset
-    if rep["intercept"]:
-        u = torch.cat([u, torch.ones(u.shape[0], 1, dtype=u.dtype)], 1)
-        theta0, fixed = torch.cat([w0, b0.double()[:, None]], 1), None
-    else:
-        theta0, prior, fixed = w0, prior[:, :-1], (None if b0 is None else b0.double())
-    theta, fitted = softmax_refit(u, z, theta0, prior, rep["ridge"], fixed_bias=fixed,
-                                  temperature=options.temperature, eps=options.kl_mix)
+    intercept = rep["intercept"]
+    fixed = torch.zeros(z.shape[1], dtype=torch.float64) if intercept or b0 is None else b0.double()
+    u = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1) if intercept else x
+    theta0 = torch.cat([w0, b0.double()[:, None]], 1) if intercept else w0
+    prior_t = prior.t() if intercept else prior[:-1].t()
+    kw = {"fixed_bias": fixed, "temperature": options.temperature, "eps": options.kl_mix}
+    held = owner >= _n_train(options, n_inputs(targets.inputs))
+    ridge, chosen = rep["ridge"] if options.ridge is None else options.ridge, {}
+    if options.ridge is None and held.any() and (~held).any():
+        fit, check = ~held, held
+
+        def held_out_kl(theta: torch.Tensor) -> float:
+            return mean_kl(z[check], u[check] @ theta.t() + fixed)
+
+        ls = Normal.zeros(x.shape[1], z.shape[1])
+        ls.add(x[fit], z[fit] - fixed)
+        ls_theta = solve(ls, prior, rep["ridge"], intercept).t()
+        ls_theta = ls_theta if intercept else ls_theta[:, :-1]
+        scores = {r: held_out_kl(softmax_refit(u[fit], z[fit], ls_theta, prior_t, r, **kw)[0])
+                  for r in options.ridge_grid}
+        ridge = min(scores, key=lambda r: (scores[r], -r))
+        chosen = {"kl_ridge": ridge, "kl_held_out": scores[ridge], "kl_held_out_least_squares": held_out_kl(ls_theta)}
+        if scores[ridge] >= chosen["kl_held_out_least_squares"]:
+            rep.update(output_loss="mse", **chosen)  # the softmax-weighted fit does not generalise better
+            return plan
+    theta, fitted = softmax_refit(u, z, theta0, prior_t, ridge, **kw)
+    fitted = {**fitted, "kl_ridge": ridge, **chosen}
     weight = theta[:, :w0.shape[1]].reshape(refit.weight.shape).to(refit.weight.dtype)
     new = replace(refit, weight=weight, provenance={**refit.provenance, **fitted})
-    if rep["intercept"]:
+    if intercept:
         new = replace(new, **{"bias" if refit.bias is not None else "offset": theta[:, -1].to(b0.dtype)})
     rep.update(fitted)
     return plan.with_refits([new])

@@ -72,9 +72,13 @@ class SoftmaxFit:
 
     def kl(self, theta: torch.Tensor) -> float:
         """Mean KL(softmax(z) ‖ softmax(Θu)) over the rows, at temperature 1 (what the model outputs)."""
-        logq = torch.log_softmax(self.u @ theta.t() + self.fixed, 1)
-        logp = torch.log_softmax(self.z, 1)
-        return float((logp.exp() * (logp - logq)).sum(1).mean())
+        return mean_kl(self.z, self.u @ theta.t() + self.fixed)
+
+
+def mean_kl(z: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(z) ‖ softmax(logits))."""
+    logp, logq = torch.log_softmax(z.double(), 1), torch.log_softmax(logits.double(), 1)
+    return float((logp.exp() * (logp - logq)).sum(1).mean())
 
 
 def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior: torch.Tensor, ridge: float, *,
@@ -141,23 +145,27 @@ def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior:
 
 
 def logits_rows(targets: Targets, compressed: nn.Module, name: str, passes: Passes | None, max_bytes: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u (N, D), z (N, C)): layer ``name``'s inputs in ``compressed`` and its original outputs, a row per
-    sample (or token), float64. When the rows would exceed ``max_bytes`` a seeded random fraction of every
-    batch's rows is kept (the same fraction for each batch)."""
-    us, zs, keep = [], [], None
+                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u (N, D), z (N, C), sample (N,)): layer ``name``'s inputs in ``compressed``, its original outputs, a
+    row per sample (or token), float64, and the calibration input each row comes from. When the rows would
+    exceed ``max_bytes`` a seeded random fraction of every batch's rows is kept (the same for each batch)."""
+    us, zs, owners, keep, seen = [], [], [], None, 0
     gen = torch.Generator().manual_seed(seed)
     with eval_mode(targets.model, compressed):
         for b, xb in enumerate(batches(targets.inputs, targets.batch_size)):
             z, _ = targets.batch(name, b, xb)
             x, _ = compressed_values(compressed, name, None, passes, b, xb)
             x = x.reshape(-1, x.shape[-1])
+            n = n_inputs(xb)
+            owner = seen + torch.arange(x.shape[0]) // (x.shape[0] // n)
+            seen += n
             if keep is None:
-                rows = z.shape[0] * n_inputs(targets.inputs) / n_inputs(xb)  # all batches' rows
+                rows = z.shape[0] * n_inputs(targets.inputs) / n  # all batches' rows
                 keep = min(1.0, max_bytes / (8 * (x.shape[1] + z.shape[1] + 1) * rows))
             if keep < 1.0:
                 idx = torch.randperm(x.shape[0], generator=gen)[:max(1, round(keep * x.shape[0]))].sort().values
-                x, z = x[idx], z[idx]
+                x, z, owner = x[idx], z[idx], owner[idx]
             us.append(x.double())
             zs.append(z.double())
-    return torch.cat(us), torch.cat(zs)
+            owners.append(owner)
+    return torch.cat(us), torch.cat(zs), torch.cat(owners)
