@@ -52,7 +52,7 @@ from .layers import to_module_layout, weight_oi
 from .normal_equations import Consumer, Normal, check_gram_size, conv_groups, solve, statistics, supported
 from .passes import ResumablePasses
 from .residual import Skip, find_skips
-from .softmax_fit import logits_layer, logits_rows, mean_kl, softmax_refit
+from .softmax_fit import logits_layer, logits_rows, row_kl, softmax_refit
 from .stream_skips import find_stream_skips
 from .targets import Passes, Targets
 
@@ -479,14 +479,26 @@ def _restrict(stats: Normal, inputs: np.ndarray, k: int) -> Normal:
     return Normal(stats.gram[idx][:, idx], stats.cross[idx], stats.energy, stats.rows)
 
 
+def _significant_gain(gains: dict[float, torch.Tensor]) -> tuple[float, bool]:
+    """(ridge, whether it beats least squares): ``gains[r]`` are the per-input changes of the held-out KL
+    (negative: better). The largest ridge within one standard error of the best mean (the one-standard-error
+    rule), kept only when its mean gain is below zero by two standard errors."""
+    stats = {r: (float(d.mean()), float(d.std()) / max(len(d), 1) ** 0.5 if len(d) > 1 else float("inf"))
+             for r, d in gains.items()}
+    best = min(stats, key=lambda r: stats[r][0])
+    ridge = max(r for r, (m, _) in stats.items() if m <= stats[best][0] + stats[best][1])
+    mean, se = stats[ridge]
+    return ridge, mean + 2 * se < 0
+
+
 def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: list[str],
                        reports: list[dict[str, Any]], targets: Targets, passes: Passes | None,
                        options: ReconstructOptions) -> Plan:
     """``plan`` with the refit layer that produces the model's logits (if any) refit again, from its
     least-squares refit, for the softmax it feeds (:mod:`.softmax_fit`); its report gains the KL before and
-    after. The ridge is chosen on the held-out calibration inputs by their KL at temperature 1, and the
-    least-squares refit stays when it is as good there. Unchanged when no refit layer's output is the logits,
-    or the layer loses outputs."""
+    after. The ridge is chosen on the held-out calibration inputs by their KL at temperature 1
+    (:func:`_significant_gain`), and the least-squares refit stays unless the softmax fit beats it there by two
+    standard errors. Unchanged when no refit layer's output is the logits, or the layer loses outputs."""
     name = logits_layer(model, take(targets.inputs, slice(0, 1)), todo)
     refit = next((r for r in plan.refits if r.module == name), None)
     rep = next((r for r in reports if r.get("module") == name and r.get("action") == "refit"), None)
@@ -511,18 +523,22 @@ def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: 
     if options.ridge is None and held.any() and (~held).any():
         fit, check = ~held, held
 
-        def held_out_kl(theta: torch.Tensor) -> float:
-            return mean_kl(z[check], u[check] @ theta.t() + fixed)
+        def per_input_kl(theta: torch.Tensor) -> torch.Tensor:  # a token model's rows averaged per input
+            kl = row_kl(z[check], u[check] @ theta.t() + fixed)
+            _, inv, counts = torch.unique(owner[check], return_inverse=True, return_counts=True)
+            return torch.zeros(len(counts), dtype=kl.dtype).index_add_(0, inv, kl) / counts
 
         ls = Normal.zeros(x.shape[1], z.shape[1])
         ls.add(x[fit], z[fit] - fixed)
         ls_theta = solve(ls, prior, rep["ridge"], intercept).t()
         ls_theta = ls_theta if intercept else ls_theta[:, :-1]
-        scores = {r: held_out_kl(softmax_refit(u[fit], z[fit], ls_theta, prior_t, r, **kw)[0])
-                  for r in options.ridge_grid}
-        ridge = min(scores, key=lambda r: (scores[r], -r))
-        chosen = {"kl_ridge": ridge, "kl_held_out": scores[ridge], "kl_held_out_least_squares": held_out_kl(ls_theta)}
-        if scores[ridge] >= chosen["kl_held_out_least_squares"]:
+        base = per_input_kl(ls_theta)
+        gains = {r: per_input_kl(softmax_refit(u[fit], z[fit], ls_theta, prior_t, r, **kw)[0]) - base
+                 for r in options.ridge_grid}
+        ridge, significant = _significant_gain(gains)
+        chosen = {"kl_ridge": ridge, "kl_held_out": float((base + gains[ridge]).mean()),
+                  "kl_held_out_least_squares": float(base.mean())}
+        if not significant:
             rep.update(output_loss="mse", **chosen)  # the softmax-weighted fit does not generalise better
             return plan
     theta, fitted = softmax_refit(u, z, theta0, prior_t, ridge, **kw)

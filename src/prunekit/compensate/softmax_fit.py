@@ -75,10 +75,15 @@ class SoftmaxFit:
         return mean_kl(self.z, self.u @ theta.t() + self.fixed)
 
 
+def row_kl(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(softmax(z) ‖ softmax(logits)) of every row (N,)."""
+    logp, logq = torch.log_softmax(z.double(), 1), torch.log_softmax(logits.double(), 1)
+    return (logp.exp() * (logp - logq)).sum(1)
+
+
 def mean_kl(z: torch.Tensor, logits: torch.Tensor) -> float:
     """Mean over rows of KL(softmax(z) ‖ softmax(logits))."""
-    logp, logq = torch.log_softmax(z.double(), 1), torch.log_softmax(logits.double(), 1)
-    return float((logp.exp() * (logp - logq)).sum(1).mean())
+    return float(row_kl(z, logits).mean())
 
 
 def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior: torch.Tensor, ridge: float, *,
