@@ -27,12 +27,16 @@ Plus a calibration-size sweep of ``reconstruct`` at ratio 0.5 (accuracy and wall
 
 Study options (``--set KEY=VALUE``): ``ratios``, ``methods``, ``calibration``, ``sweep`` (list of sizes, ``[]``
 to skip), ``finetune`` (Torch-Pruning's epochs, 0 to skip), ``finetune_reconstruct`` (reconstruct's; 1, or 0
-when ``finetune`` is 0), ``finetune_ratios``, ``test_size``.
+when ``finetune`` is 0), ``finetune_ratios``, ``test_size``, ``repeats`` (at the fine-tune ratios, ``reconstruct``
+without fine-tuning on calibration seeds 0 … n−1 and Torch-Pruning + 1 epoch with fine-tuning seeds
+``--seed`` … ``--seed`` + n − 1; the report's ``repeats`` gives mean and standard deviation: one fine-tuning run
+varies by ±0.2 pt here).
 """
 from __future__ import annotations
 
 import copy
 import json
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +94,7 @@ SETUPS = {
 }
 
 SETTABLE = ("ratios", "methods", "calibration", "sweep", "finetune", "finetune_reconstruct", "finetune_ratios",
-            "test_size")
+            "test_size", "repeats")
 
 
 def _baseline(options: StudyOptions, out: Path, setup: Setup) -> tuple[nn.Module, dict[str, Any]]:
@@ -162,6 +166,9 @@ def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
     finetune = int(extra.get("finetune", 3))
     finetune_ours = int(extra.get("finetune_reconstruct", min(finetune, 1)))  # none when Torch-Pruning gets none
     finetune_ratios = [float(r) for r in _as_list(extra.get("finetune_ratios"), [0.5])]
+    repeats = int(extra.get("repeats", 1))
+    if repeats < 1:
+        raise ConfigError(f"repeats must be at least 1, got {repeats}")
     if not (options.checkpoint or setup.trainable):
         raise ConfigError(f"study '{setup.title}' needs --checkpoint (a trained {setup.model}): "
                           f"{setup.checkpoint_hint}")
@@ -180,15 +187,16 @@ def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
     rows: list[dict[str, Any]] = []
     preset = {"preset": setup.preset} if setup.preset else {}
 
-    def run(label: str, ratio: float, n_cal: int) -> tuple[nn.Module, dict[str, Any]]:
+    def run(label: str, ratio: float, n_cal: int, seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
         method, criterion, mo = METHODS[label]
+        seeded = {"calibration_seed": seed} if seed else {}
         opts = PruneOptions(ratio=ratio, criterion=criterion, calibration_data=train_set,
-                            method_options={**preset, "calibration": n_cal, **mo})
+                            method_options={**preset, "calibration": n_cal, **mo, **seeded})
         start = time.perf_counter()
         result = get_method(method)(model, example, opts)
         seconds = time.perf_counter() - start
         row = _row(label, ratio, result.model, base, evaluate(result.model, loader)["accuracy"], seconds,
-                   calibration=n_cal if method in ("lstsq", "reconstruct") else 0)
+                   calibration=n_cal if method in ("lstsq", "reconstruct") else 0, **({"seed": seed} if seed else {}))
         stderr_log(f"{label} r={ratio}: {row['accuracy']:.2f} % at −{100 * row['macs_reduction']:.1f} % MACs "
                    f"({seconds:.1f} s)")
         return result.model, row
@@ -201,15 +209,18 @@ def _study(setup: Setup, options: StudyOptions) -> tuple[dict[str, Any], str]:
                 if label == "reconstruct" and ratio in finetune_ratios:  # compensation as a starting point
                     rows += _finetune_rows(label, small, ratio, base, test_set, range(1, finetune_ours + 1),
                                            row["method_seconds"], options, out)
+                    rows += [run(label, ratio, calibration, seed)[1] for seed in range(1, repeats)]
         if "torch-pruning" in methods:
             rows += _torch_pruning_rows(model, ratio, base, loader, test_set,
-                                        finetune if ratio in finetune_ratios else 0, options, out, setup)
+                                        finetune if ratio in finetune_ratios else 0, options, out, setup,
+                                        repeats if ratio in finetune_ratios and finetune else 1)
     sweep_rows = []
     for n in sweep:
         _, row = run("reconstruct", 0.5, n)
         sweep_rows.append(row)
     report = {"study": setup.title, "model": setup.model, "dataset": "fashion-mnist", "baseline_accuracy": round(base_acc, 2),
               "baseline": {**baseline, **base}, "calibration": calibration, "rows": rows, "sweep": sweep_rows,
+              "repeats": repeat_summary(rows),
               "finetune_recipe": "polarization-fmnist-finetune"}
     (out / "results.json").write_text(json.dumps(report, indent=1))
     plot = plot_study(report, out / f"{setup.title}.png")
@@ -222,7 +233,7 @@ for _title, _setup in SETUPS.items():
     register_study(_title)(lambda options, _setup=_setup: _study(_setup, options))
 
 
-def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options, out, setup) -> list[dict]:
+def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options, out, setup, repeats=1) -> list[dict]:
     from prunekit.merging import get_preset
 
     try:
@@ -238,23 +249,46 @@ def _torch_pruning_rows(model, ratio, base, loader, test_set, finetune, options,
                  finetune_epochs=0)]
     rows += _finetune_rows("torch-pruning", small, ratio, base, test_set, range(1, finetune + 1), seconds, options,
                            out)
+    for i in range(1, repeats):  # one epoch again with other fine-tuning seeds
+        rows += _finetune_rows("torch-pruning", small, ratio, base, test_set, [1], seconds, options, out,
+                               seed=options.seed + i)
     stderr_log(f"torch-pruning r={ratio} +0 ep: {rows[0]['accuracy']:.2f} %")
     return rows
 
 
-def _finetune_rows(label, small, ratio, base, test_set, budgets, seconds, options, out) -> list[dict]:
+def _finetune_rows(label, small, ratio, base, test_set, budgets, seconds, options, out, seed=None) -> list[dict]:
     """``small`` fine-tuned for k epochs, for each k in ``budgets``: each its own k-epoch schedule
     (``polarization-fmnist-finetune``, cosine stepped per epoch: lr · (1 + cos(π e / k)) / 2 in epoch e), all
-    60,000 labelled images; cached (and resumed) in ``OUT/{label}-ft-r{ratio}-e{k}``."""
+    60,000 labelled images; cached (and resumed) in ``OUT/{label}-ft-r{ratio}-e{k}`` (``…-s{seed}`` for a
+    ``seed`` other than ``--seed``)."""
     rows = []
     train_set = get_dataset("fashion-mnist", "train", root=options.data_root, download=False) if budgets else None
+    other = seed is not None and seed != options.seed
     for epochs in budgets:
         recipe = get_recipe("polarization-fmnist-finetune").replace(epochs=epochs)
-        res = train(copy.deepcopy(small), train_set, test_set, recipe, seed=options.seed, resume=True,
-                    out_dir=out / f"{label}-ft-r{ratio}-e{epochs}", device=options.device, progress=options.progress)
-        rows.append(_row(label, ratio, res.model, base, res.history[-1]["accuracy"], seconds, finetune_epochs=epochs))
+        res = train(copy.deepcopy(small), train_set, test_set, recipe, seed=seed if other else options.seed,
+                    resume=True, out_dir=out / (f"{label}-ft-r{ratio}-e{epochs}" + (f"-s{seed}" if other else "")),
+                    device=options.device, progress=options.progress)
+        rows.append(_row(label, ratio, res.model, base, res.history[-1]["accuracy"], seconds, finetune_epochs=epochs,
+                         **({"seed": seed} if other else {})))
         stderr_log(f"{label} r={ratio} +{epochs} ep: {rows[-1]['accuracy']:.2f} %")
     return rows
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """A row's method, with its seed when it is one of ``repeats``."""
+    return row["method"] + (f" (seed {row['seed']})" if "seed" in row else "")
+
+
+def repeat_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample standard deviation of the rows that share (method, ratio, fine-tune epochs) — the seeds
+    of ``repeats`` — where there are several."""
+    runs: dict[tuple, list[float]] = {}
+    for r in rows:
+        runs.setdefault((r["method"], r["ratio"], r.get("finetune_epochs", 0)), []).append(r["accuracy"])
+    return [{"method": m, "ratio": ratio, "finetune_epochs": ep, "n": len(v), "mean": round(statistics.mean(v), 3),
+             "sd": round(statistics.stdev(v), 3), "accuracies": v}
+            for (m, ratio, ep), v in runs.items() if len(v) > 1]
 
 
 def study_table(report: dict[str, Any]) -> str:
@@ -263,7 +297,7 @@ def study_table(report: dict[str, Any]) -> str:
              "| method | ratio | MACs removed | params removed | accuracy | method s | fine-tune epochs |",
              "|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['ratio']} | {100 * r['macs_reduction']:.1f} % | "
+        lines.append(f"| {row_label(r)} | {r['ratio']} | {100 * r['macs_reduction']:.1f} % | "
                      f"{100 * r['params_reduction']:.1f} % | {fmt(r['accuracy'])} | {fmt(r['method_seconds'])} | "
                      f"{r.get('finetune_epochs', 0)} |")
     if report.get("sweep"):
