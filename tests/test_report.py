@@ -327,3 +327,11 @@ def test_grda_sparsity_is_read_in_percent_even_when_small(tmp_path):
     pct = [[row["sparsity_pct"] for row in grda_rows(r)] for r in collect([write(tmp_path / "a.json", GRDA),
                                                                           write(tmp_path / "b.json", tiny)]).results]
     assert pct[0] == [41.2, 93.4, 95.12] and pct[1] == pytest.approx([0.412, 0.934, 0.9512], abs=1e-12)
+
+
+def test_other_seeds_of_a_studys_repeats_do_not_replace_its_row(tmp_path):
+    rows = [{"model": "resnet20", "method": "reconstruct", "criterion": "l1-norm", "ratio": 0.5, "accuracy": a, **s}
+            for a, s in ((92.46, {}), (92.42, {"seed": 1}), (92.23, {"seed": 3}))]
+    write(tmp_path / "sweep.json", [{"model": "resnet20", "baseline": 93.21, "rows": rows}])
+    (series,) = compensation_series(collect([tmp_path / "sweep.json"]))
+    assert dict(series.by_method) == {"reconstruct": {0.5: 92.46}}

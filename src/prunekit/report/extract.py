@@ -141,6 +141,8 @@ def compensation_series(col: Collection) -> list[Series]:
             baseline = _baseline_accuracy(t)
             any_criterion = []  # rows without a criterion (data-driven survivors) belong to every criterion
             for row in t["rows"]:
+                if "seed" in row:  # another seed of a study's ``repeats`` (its ``repeats`` summary has them all)
+                    continue
                 model = row.get("model") or t.get("model") or t.get("study") or "model"
                 if row.get("criterion") in _NO_CRITERION:
                     any_criterion.append((f"{r.label}: {model} (", row))

@@ -309,20 +309,21 @@ def study_table(report: dict[str, Any]) -> str:
 
 def plot_study(report: dict[str, Any], path: Path) -> Path | None:
     """Accuracy vs MACs removed, one line per method (no fine-tuning), the fine-tuned rows (Torch-Pruning,
-    reconstruct + k epochs) as points."""
+    reconstruct + k epochs) as points; the first seed of each (the others are in the report's ``repeats``)."""
     fig = figure(figsize=(6.5, 4.2))
     if fig is None:
         return None
     ax = fig.add_subplot(1, 1, 1)
-    methods = dict.fromkeys(r["method"] for r in report["rows"])
+    rows = [r for r in report["rows"] if "seed" not in r]
+    methods = dict.fromkeys(r["method"] for r in rows)
     for m in methods:
-        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in report["rows"]
+        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in rows
                      if r["method"] == m and not r.get("finetune_epochs"))
         if pts:
             ax.plot(*zip(*pts), marker="o", label=m)
-    tuned = sorted({(r["method"], r["finetune_epochs"]) for r in report["rows"] if r.get("finetune_epochs")})
+    tuned = sorted({(r["method"], r["finetune_epochs"]) for r in rows if r.get("finetune_epochs")})
     for m, k in tuned:
-        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in report["rows"]
+        pts = sorted((100 * r["macs_reduction"], r["accuracy"]) for r in rows
                      if r["method"] == m and r.get("finetune_epochs") == k)
         ax.plot(*zip(*pts), linestyle="none", marker="x" if m == "torch-pruning" else "+", markersize=8,
                 label=f"{m} + {k} ep. fine-tune")
