@@ -185,3 +185,15 @@ def test_held_out_inputs_choose_the_ridge_and_whether_the_softmax_fit_is_kept(n)
     else:
         assert rep["output_loss"] == "mse"
         assert torch.equal(fitted.refit("2").weight, mse.refit("2").weight)
+
+
+def test_rows_beyond_the_cache_limit_are_subsampled_for_the_softmax_fit():
+    net, x = teacher_mlp()
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=list(range(0, 24, 3)), size=24)])
+    options = ReconstructOptions(calibration=400, ridge=1e-4)
+    _, (full,) = reconstruct_plan(net, graph, plan, x, options)
+    row_bytes = 8 * (8 + 5 + 1)  # float64: 8 kept inputs, 5 logits, one more column
+    _, (part,) = reconstruct_plan(net, graph, plan, x, options.replace(max_cache_bytes=100 * row_bytes))
+    assert full["kl_rows"] == 400 and part["kl_rows"] == 100  # a quarter of each batch of 100
+    assert part["output_loss"] == "kl" and part["kl"] < part["kl_least_squares"]

@@ -542,7 +542,7 @@ def _refit_for_softmax(model: nn.Module, graph: ChannelGraph, plan: Plan, todo: 
             rep.update(output_loss="mse", **chosen)  # the softmax-weighted fit does not generalise better
             return plan
     theta, fitted = softmax_refit(u, z, theta0, prior_t, ridge, **kw)
-    fitted = {**fitted, "kl_ridge": ridge, **chosen}
+    fitted = {**fitted, "kl_ridge": ridge, "kl_rows": int(u.shape[0]), **chosen}
     weight = theta[:, :w0.shape[1]].reshape(refit.weight.shape).to(refit.weight.dtype)
     new = replace(refit, weight=weight, provenance={**refit.provenance, **fitted})
     if intercept:
