@@ -163,7 +163,7 @@ def main() -> None:
             f"({report['baseline'].get('checkpoint')}); every block's conv1 pruned (preset `resnet`, l1-norm), "
             "**no fine-tuning** except the Torch-Pruning rows; 1,000 unlabeled training images; test set of "
             "10,000. Command of the study: `prunekit reproduce compensation-resnet20-fmnist --checkpoint "
-            f"{args.checkpoint} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`."),
+            f"{args.checkpoint} --set repeats={args.seeds} --json` (what the script runs). Plot: `docs/img/compensation-resnet20-fmnist.png`."),
             "", markdown_table(HEADER, rows),
             *(["", (f"Seeds at ratio 0.5 (`--set repeats={args.seeds}`): reconstruct on calibration subsets 0 … "
                     f"{args.seeds - 1}, Torch-Pruning + 1 epoch with fine-tuning seeds 0 … {args.seeds - 1}:"), "",
