@@ -98,10 +98,11 @@ class DictOut(nn.Module):
 def test_the_logits_layer_is_the_one_whose_output_is_the_models():
     x = torch.randn(2, 4)
     seq = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
-    assert logits_layer(seq, x, ["0", "2"]) == "2"
+    assert logits_layer(seq, x, ["0", "2"]) == ("2", 1)  # one logit vector per input
+    assert logits_layer(seq, x[:, None].expand(2, 7, 4), ["0", "2"]) == ("2", 7)  # one per position
     assert logits_layer(seq, x, ["0"]) is None  # not among the candidates
     assert logits_layer(nn.Sequential(*seq, nn.LogSoftmax(1)), x, ["0", "2"]) is None  # something follows it
-    assert logits_layer(DictOut(nn.Linear(6, 3)), x, ["body", "head"]) == "head"  # out["logits"]
+    assert logits_layer(DictOut(nn.Linear(6, 3)), x, ["body", "head"]) == ("head", 1)  # out["logits"]
     assert logits_layer(DictOut(nn.Linear(6, 3), nn.Tanh()), x, ["body", "head"]) is None
 
 
@@ -197,3 +198,35 @@ def test_rows_beyond_the_cache_limit_are_subsampled_for_the_softmax_fit():
     _, (part,) = reconstruct_plan(net, graph, plan, x, options.replace(max_cache_bytes=100 * row_bytes))
     assert full["kl_rows"] == 400 and part["kl_rows"] == 100  # a quarter of each batch of 100
     assert part["output_loss"] == "kl" and part["kl"] < part["kl_least_squares"]
+
+
+def test_auto_fits_a_classifier_for_its_softmax_but_leaves_a_token_models_head_to_least_squares():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 6)).eval()
+    ids = torch.randint(0, 30, (200, 12), generator=torch.Generator().manual_seed(3))
+    graph = ChannelGraph.build(model, ids[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("1").id, keep=list(range(0, 16, 2)), size=16)])
+    options = ReconstructOptions(calibration=200, ridge=1e-4)
+    auto, (auto_rep,) = reconstruct_plan(model, graph, plan, ids, options)
+    forced, (forced_rep,) = reconstruct_plan(model, graph, plan, ids, options.replace(output_loss="kl"))
+    mse, _ = reconstruct_plan(model, graph, plan, ids, options.replace(output_loss="mse"))
+    assert "output_loss" not in auto_rep and torch.equal(auto.refit("3").weight, mse.refit("3").weight)
+    assert forced_rep["output_loss"] == "kl" and forced_rep["kl_rows"] == 200 * 12  # a row per token
+    assert forced_rep["kl"] < forced_rep["kl_least_squares"]
+
+
+def test_a_head_too_large_for_the_work_bound_is_left_to_least_squares_and_says_why(monkeypatch):
+    import prunekit.compensate.softmax_fit as softmax_fit
+
+    net, x = teacher_mlp()
+    graph = ChannelGraph.build(net, x[:1])
+    plan = Plan([GroupPlan(group_id=graph.group("0").id, keep=list(range(0, 24, 3)), size=24)])
+    options = ReconstructOptions(calibration=400, ridge=1e-4)
+    mse, _ = reconstruct_plan(net, graph, plan, x, options.replace(output_loss="mse"))
+    monkeypatch.setattr(softmax_fit, "MAX_PRODUCT_MACS", 5 * 9 * 8)  # 8 rows for 9 inputs per class
+    fitted, (rep,) = reconstruct_plan(net, graph, plan, x, options)
+    assert rep["output_loss"] == "mse" and "5 classes × 9 inputs allow 8 rows" in rep["softmax_skipped"]
+    assert torch.equal(fitted.refit("2").weight, mse.refit("2").weight)
+    monkeypatch.setattr(softmax_fit, "MAX_PRODUCT_MACS", 5 * 9 * 150)  # 150 of the 400 rows
+    _, (rep,) = reconstruct_plan(net, graph, plan, x, options)
+    assert rep["output_loss"] == "kl" and rep["kl_rows"] == 152  # round(37.5) = 38 of each batch of 100

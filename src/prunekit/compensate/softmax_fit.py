@@ -37,9 +37,10 @@ from .layers import is_linear
 from .targets import Passes, Targets, compressed_values
 
 
-def logits_layer(model: nn.Module, probe: Any, names: list[str]) -> str | None:
-    """The Linear among ``names`` whose output *is* the model's logits (the same tensor, nothing applied after
-    it), on one probe pass; None when there is none (e.g. a log-softmax or a reshape follows the layer)."""
+def logits_layer(model: nn.Module, probe: Any, names: list[str]) -> tuple[str, int] | None:
+    """(the Linear among ``names`` whose output *is* the model's logits — the same tensor, nothing applied after
+    it —, its logit vectors per input: 1 for a classifier, the positions for a token model), on one probe pass
+    of one input; None when there is none (e.g. a log-softmax or a reshape follows the layer)."""
     linear = [n for n in names if is_linear(model.get_submodule(n))]
     if not linear:
         return None
@@ -50,7 +51,7 @@ def logits_layer(model: nn.Module, probe: Any, names: list[str]) -> str | None:
     for name in linear:
         y = seen.get(name)
         if isinstance(y, torch.Tensor) and y.shape == logits.shape and y.data_ptr() == logits.data_ptr():
-            return name
+            return name, y.numel() // (y.shape[0] * y.shape[-1])
     return None
 
 
@@ -88,9 +89,11 @@ def mean_kl(z: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior: torch.Tensor, ridge: float, *,
-                  fixed_bias: torch.Tensor | None = None, temperature: float = 2.0, eps: float = 0.01, max_iter: int = 200, tol: float = 1e-8
+                  fixed_bias: torch.Tensor | None = None, temperature: float = 2.0, eps: float = 0.01,
+                  max_iter: int = 200, tol: float = 1e-6, start: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Θ (C, D) minimising the softmax-weighted error above, by preconditioned conjugate gradients from Θ₀.
+    """Θ (C, D) minimising the softmax-weighted error above, by preconditioned conjugate gradients from Θ₀
+    (or from ``start``, e.g. the solution at a neighbouring ridge).
 
     Args:
         u: (N, D) the layer's inputs in the compressed network (append a ones column for an intercept).
@@ -102,6 +105,8 @@ def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior:
         fixed_bias: (C,) a bias the layer keeps (not refit): the logits are Θu + fixed_bias.
         temperature: τ of p = softmax(z/τ) (τ > 1 spreads the weight over more classes, as distillation does).
         eps: the plain squared error mixed in (relative to H, whose entries are at most 1/4).
+        max_iter, tol: stop after this many iterations or at a residual of ``tol`` relative to the right-hand
+            side (1e-6: far below what the held-out choice can tell apart).
 
     Returns:
         (Θ, report) with the mean KL at temperature 1 before (Θ₀) and after, and the iterations.
@@ -128,7 +133,7 @@ def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior:
         return torch.cholesky_solve(r.t(), pre).t() * (float(s.mean()) / s)[:, None]
 
     rhs = fit.weigh(z - fixed).t() @ u + prior * lam
-    theta = theta0.double().clone()
+    theta = (theta0 if start is None else start).double().clone()
     r = rhs - apply_a(theta)
     y = precondition(r)
     direction = y.clone()
@@ -150,11 +155,23 @@ def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior:
     return theta, report
 
 
+#: rows × classes × inputs of one product of the conjugate gradients at most (≈ 1 s on one CPU core in float64):
+#: more rows are subsampled, and a layer that cannot have as many rows as inputs per class (a language model's
+#: 32,000-token head over 4,096 inputs) is left to least squares
+MAX_PRODUCT_MACS = 1 << 30
+
+
+def max_rows(classes: int, inputs: int) -> int:
+    """The most rows a softmax fit of ``classes`` × ``inputs`` unknowns uses (:data:`MAX_PRODUCT_MACS`)."""
+    return MAX_PRODUCT_MACS // max(1, classes * inputs)
+
+
 def logits_rows(targets: Targets, compressed: nn.Module, name: str, passes: Passes | None, max_bytes: int,
-                seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                seed: int, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u (N, D), z (N, C), sample (N,)): layer ``name``'s inputs in ``compressed``, its original outputs, a
     row per sample (or token), float64, and the calibration input each row comes from. When the rows would
-    exceed ``max_bytes`` a seeded random fraction of every batch's rows is kept (the same for each batch)."""
+    exceed ``max_bytes`` or number more than ``limit``, a seeded random fraction of every batch's rows is kept
+    (the same for each batch)."""
     us, zs, owners, keep, seen = [], [], [], None, 0
     gen = torch.Generator().manual_seed(seed)
     with eval_mode(targets.model, compressed):
@@ -167,7 +184,8 @@ def logits_rows(targets: Targets, compressed: nn.Module, name: str, passes: Pass
             seen += n
             if keep is None:
                 rows = z.shape[0] * n_inputs(targets.inputs) / n  # all batches' rows
-                keep = min(1.0, max_bytes / (8 * (x.shape[1] + z.shape[1] + 1) * rows))
+                keep = min(1.0, max_bytes / (8 * (x.shape[1] + z.shape[1] + 1) * rows),
+                           (limit or rows) / rows)
             if keep < 1.0:
                 idx = torch.randperm(x.shape[0], generator=gen)[:max(1, round(keep * x.shape[0]))].sort().values
                 x, z, owner = x[idx], z[idx], owner[idx]
