@@ -213,10 +213,11 @@ def test_auto_fits_a_classifier_for_its_softmax_but_leaves_a_token_models_head_t
     assert "output_loss" not in auto_rep and torch.equal(auto.refit("3").weight, mse.refit("3").weight)
     assert forced_rep["output_loss"] == "kl" and forced_rep["kl_rows"] == 200 * 12  # a row per token
     assert forced_rep["kl"] < forced_rep["kl_least_squares"]
+    assert not torch.equal(forced.refit("3").weight, mse.refit("3").weight)
 
 
 def test_a_head_too_large_for_the_work_bound_is_left_to_least_squares_and_says_why(monkeypatch):
-    import prunekit.compensate.softmax_fit as softmax_fit
+    from prunekit.compensate import softmax_fit
 
     net, x = teacher_mlp()
     graph = ChannelGraph.build(net, x[:1])
