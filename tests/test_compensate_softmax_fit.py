@@ -66,7 +66,7 @@ def test_conjugate_gradients_reach_the_dense_minimiser(seed, intercept, temperat
     want = dense_minimiser(u, z, prior, lam, temperature, eps, torch.zeros(c, dtype=torch.float64)
                            if fixed is None else fixed)
     assert torch.allclose(theta, want, atol=1e-6 * (1 + float(want.abs().max())))
-    assert report["cg_iterations"] <= c * u.shape[1] + 5  # CG in exact arithmetic: at most the unknowns
+    assert report["cg_residual"] <= 1e-12 and report["cg_iterations"] < 500  # converged, not stopped
     f = torch.zeros(c, dtype=torch.float64) if fixed is None else fixed
 
     def objective(t):
