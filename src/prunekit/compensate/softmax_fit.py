@@ -76,18 +76,13 @@ class SoftmaxFit:
 
     def kl(self, theta: torch.Tensor) -> float:
         """Mean KL(softmax(z) ‖ softmax(Θu)) over the rows, at temperature 1 (what the model outputs)."""
-        return mean_kl(self.z, self.u @ theta.t() + self.fixed)
+        return float(row_kl(self.z, self.u @ theta.t() + self.fixed).mean())
 
 
 def row_kl(z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(softmax(z) ‖ softmax(logits)) of every row (N,)."""
     logp, logq = torch.log_softmax(z.double(), 1), torch.log_softmax(logits.double(), 1)
     return (logp.exp() * (logp - logq)).sum(1)
-
-
-def mean_kl(z: torch.Tensor, logits: torch.Tensor) -> float:
-    """Mean over rows of KL(softmax(z) ‖ softmax(logits))."""
-    return float(row_kl(z, logits).mean())
 
 
 def softmax_refit(u: torch.Tensor, z: torch.Tensor, theta0: torch.Tensor, prior: torch.Tensor, ridge: float, *,
